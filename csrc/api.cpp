@@ -1,0 +1,227 @@
+// api.cpp — the C ABI (include/turboprefill.h) over the C++ engine.
+//
+// Every entry point catches every exception and turns it into a tp_status plus a thread-local message
+// for tp_last_error(); nothing C++ crosses the boundary.
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <string>
+
+#include "backend/cpu/kernels.h"
+#include "common.h"
+#include "engine.h"
+#include "gguf/gguf.h"
+#if defined(TP_WITH_CUDA)
+#include "backend/cuda/device.h"
+#endif
+
+struct tp_engine {
+  std::unique_ptr<tp::Engine> impl;
+};
+
+namespace tp {
+
+namespace {
+thread_local std::string g_last_error;
+}
+
+void set_last_error(const std::string& msg) { g_last_error = msg; }
+
+// Maps the exception being handled to a status and records its message. Call only inside catch.
+tp_status status_from_current_exception() {
+  try {
+    throw;
+  } catch (const Error& e) {
+    set_last_error(e.what());
+    return e.status();
+  } catch (const std::bad_alloc&) {
+    set_last_error("out of memory");
+    return TP_ERR_OUT_OF_MEMORY;
+  } catch (const std::exception& e) {
+    set_last_error(std::string("internal error: ") + e.what());
+    return TP_ERR_INTERNAL;
+  } catch (...) {
+    set_last_error("internal error: unknown exception");
+    return TP_ERR_INTERNAL;
+  }
+}
+
+}  // namespace tp
+
+#define TP_GUARD_BEGIN \
+  try {                \
+    tp::set_last_error("");
+#define TP_GUARD_END                          \
+  }                                           \
+  catch (...) {                               \
+    return tp::status_from_current_exception(); \
+  }                                           \
+  return TP_OK;
+
+extern "C" {
+
+const char* tp_last_error(void) { return tp::g_last_error.c_str(); }
+
+const char* tp_build_info_json(void) {
+  static const std::string info = [] {
+    std::string cuda = "false", archs = "[]", ver = "null";
+#if defined(TP_WITH_CUDA)
+    cuda = "true";
+    archs = "[";
+    std::string a = TP_CUDA_ARCHS_STR;
+    size_t start = 0;
+    while (start < a.size()) {
+      size_t semi = a.find(';', start);
+      if (semi == std::string::npos) semi = a.size();
+      if (archs.size() > 1) archs += ",";
+      archs += "\"" + a.substr(start, semi - start) + "\"";
+      start = semi + 1;
+    }
+    archs += "]";
+    ver = "\"" + std::string(TP_CUDA_VERSION_STR) + "\"";
+#endif
+    return tp::fmt("{\"version\":\"0.1.0\",\"cuda\":%s,\"cuda_archs\":%s,\"cuda_version\":%s,\"simd\":\"%s\"}",
+                   cuda.c_str(), archs.c_str(), ver.c_str(), tp::cpu_simd_level());
+  }();
+  return info.c_str();
+}
+
+void tp_engine_params_default(tp_engine_params* p) {
+  if (!p) return;
+  std::memset(p, 0, sizeof(*p));
+  p->devices = "cpu";
+  p->ubatch = 512;
+  p->schedule = TP_SCHEDULE_PIPELINED;
+}
+
+tp_status tp_engine_create(const tp_engine_params* params, tp_engine** out) {
+  TP_GUARD_BEGIN
+  if (!params || !out) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_create: params and out must not be NULL");
+  *out = nullptr;
+  if (!params->model_path) tp::fail(TP_ERR_INVALID_ARGUMENT, "model_path is NULL");
+  tp::EngineParams p;
+  p.model_path = params->model_path;
+  p.devices = tp::parse_devices(params->devices ? params->devices : "cpu");
+  p.threads = params->threads;
+  p.ubatch = params->ubatch;
+  if (params->schedule != TP_SCHEDULE_PIPELINED && params->schedule != TP_SCHEDULE_SEQUENTIAL)
+    tp::fail(TP_ERR_INVALID_ARGUMENT, "schedule must be pipelined (0) or sequential (1), got %d", params->schedule);
+  p.schedule = tp::Schedule(params->schedule);
+  p.n_ctx = params->n_ctx;
+  if (params->n_layer_split < 0 || params->n_layer_split > TP_MAX_STAGES)
+    tp::fail(TP_ERR_INVALID_ARGUMENT, "n_layer_split %d out of range [0, %d]", params->n_layer_split, TP_MAX_STAGES);
+  for (int i = 0; i < params->n_layer_split; ++i) p.layer_split.push_back(params->layer_split[i]);
+  p.ring_slots = params->ring_slots;
+  auto* e = new tp_engine;
+  try {
+    e->impl = std::make_unique<tp::Engine>(p);
+  } catch (...) {
+    delete e;
+    throw;
+  }
+  *out = e;
+  TP_GUARD_END
+}
+
+void tp_engine_free(tp_engine* engine) { delete engine; }
+
+tp_status tp_engine_info(const tp_engine* engine, tp_model_info* out) {
+  TP_GUARD_BEGIN
+  if (!engine || !out) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_info: NULL argument");
+  const tp::Engine& e = *engine->impl;
+  const tp::ModelConfig& c = e.config();
+  std::memset(out, 0, sizeof(*out));
+  std::strncpy(out->architecture, c.arch_name.c_str(), sizeof(out->architecture) - 1);
+  out->n_vocab = c.n_vocab;
+  out->n_embd = c.n_embd;
+  out->n_layer = c.n_layer;
+  out->n_head = c.n_head;
+  out->n_head_kv = c.n_head_kv;
+  out->head_dim = c.head_dim;
+  out->n_ff = c.n_ff;
+  out->n_ctx_train = c.n_ctx_train;
+  out->n_ctx = e.n_ctx();
+  out->n_past = e.n_past();
+  out->n_stages = int64_t(e.stages().size());
+  out->n_params = e.weights().n_params;
+  out->file_bytes = int64_t(e.file().file_size());
+  TP_GUARD_END
+}
+
+tp_status tp_engine_prefill(tp_engine* engine, const int32_t* tokens, int64_t n, int32_t all_logits, float* logits,
+                            int64_t logits_len) {
+  TP_GUARD_BEGIN
+  if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_prefill: engine is NULL");
+  engine->impl->prefill(tokens, n, all_logits != 0, logits, logits_len);
+  TP_GUARD_END
+}
+
+tp_status tp_engine_reset(tp_engine* engine) {
+  TP_GUARD_BEGIN
+  if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_reset: engine is NULL");
+  engine->impl->reset();
+  TP_GUARD_END
+}
+
+void tp_engine_cancel(tp_engine* engine) {
+  if (engine) engine->impl->cancel();
+}
+
+tp_status tp_engine_last_seconds(const tp_engine* engine, double* seconds) {
+  TP_GUARD_BEGIN
+  if (!engine || !seconds) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_last_seconds: NULL argument");
+  *seconds = engine->impl->last_seconds();
+  TP_GUARD_END
+}
+
+tp_status tp_engine_trace(const tp_engine* engine, tp_trace_event* events, int64_t cap, int64_t* n_events) {
+  TP_GUARD_BEGIN
+  if (!engine || !n_events) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_trace: NULL argument");
+  const auto& tr = engine->impl->trace();
+  *n_events = int64_t(tr.size());
+  for (int64_t i = 0; events && i < cap && i < int64_t(tr.size()); ++i) {
+    events[i].stage = tr[size_t(i)].stage;
+    events[i].ubatch = tr[size_t(i)].ubatch;
+    events[i].n_tokens = tr[size_t(i)].n_tokens;
+    events[i].t_start = tr[size_t(i)].t_start;
+    events[i].t_end = tr[size_t(i)].t_end;
+  }
+  TP_GUARD_END
+}
+
+tp_status tp_gguf_describe_json(const char* path, char** json_out) {
+  TP_GUARD_BEGIN
+  if (!path || !json_out) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_gguf_describe_json: NULL argument");
+  *json_out = nullptr;
+  tp::GgufFile f(path);
+  const std::string js = tp::gguf_describe_json(f);
+  char* buf = static_cast<char*>(std::malloc(js.size() + 1));
+  if (!buf) throw std::bad_alloc();
+  std::memcpy(buf, js.c_str(), js.size() + 1);
+  *json_out = buf;
+  TP_GUARD_END
+}
+
+void tp_free(void* p) { std::free(p); }
+
+tp_status tp_cpu_matmul(int32_t type, const void* w, int64_t rows, int64_t k, const float* x, int64_t n_tok, float* y,
+                        int32_t threads) {
+  TP_GUARD_BEGIN
+  const tp::TypeTraits tt = tp::type_traits(type);
+  if (!tt.supported) tp::fail(TP_ERR_UNSUPPORTED, "tp_cpu_matmul: unsupported type %d", type);
+  if (!w || !x || !y || rows < 1 || n_tok < 1 || k < 1 || k % tt.block_elems != 0)
+    tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_cpu_matmul: bad arguments (rows %lld, k %lld, n_tok %lld, block %lld)",
+             (long long)rows, (long long)k, (long long)n_tok, (long long)tt.block_elems);
+  tp::Tensor t;
+  t.name = "matmul";
+  t.type = tp::GgmlType(type);
+  t.cols = k;
+  t.rows = rows;
+  t.row_bytes = tp::row_bytes(tt, k);
+  t.data = w;
+  auto ops = tp::make_cpu_ops(threads < 1 ? 1 : threads);
+  ops->matmul(y, t, x, n_tok);
+  TP_GUARD_END
+}
+
+}  // extern "C"

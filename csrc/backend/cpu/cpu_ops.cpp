@@ -1,0 +1,148 @@
+// cpu_ops.cpp — the CPU backend: Ops on host memory, parallel over the stage's ThreadPool.
+//
+// Numerics follow ggml's CPU backend where it matters for matching llama.cpp (RMSNorm sums squares in
+// double, then scales in f32) and are exact elsewhere (RoPE angles in double, GELU-tanh evaluated, not
+// tabulated). The KV cache is f32, one [n_pos, kv_dim] K and V array per stage-local layer.
+#include <cmath>
+#include <cstring>
+#include <list>
+#include <new>
+#include <vector>
+
+#include "backend/cpu/kernels.h"
+#include "quant/blocks.h"
+
+namespace tp {
+
+namespace {
+
+class CpuOps final : public Ops {
+ public:
+  explicit CpuOps(int n_threads) : pool_(n_threads) {}
+
+  float* alloc(int64_t n) override {
+    buffers_.emplace_back(size_t(n > 0 ? n : 1));
+    return buffers_.back().data();
+  }
+
+  void kv_reserve(int64_t n_layers, int64_t kv_dim, int64_t n_pos) override {
+    if (int64_t(k_.size()) != n_layers) {
+      k_.assign(size_t(n_layers), {});
+      v_.assign(size_t(n_layers), {});
+    }
+    kv_dim_ = kv_dim;
+    const size_t need = size_t(n_pos * kv_dim);
+    for (int64_t l = 0; l < n_layers; ++l) {
+      if (k_[size_t(l)].size() < need) {
+        k_[size_t(l)].resize(need);
+        v_[size_t(l)].resize(need);
+      }
+    }
+  }
+
+  void embed(float* out, const Tensor& table, const int32_t* tokens, int64_t n, float scale) override {
+    const int64_t d = table.cols;
+    pool_.parallel_for(n, 8, [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; ++i) {
+        float* o = out + i * d;
+        dequantize_row(table.type, table.row(tokens[i]), o, d);
+        if (scale != 1.0f)
+          for (int64_t j = 0; j < d; ++j) o[j] *= scale;
+      }
+    });
+  }
+
+  void rms_norm(float* out, const float* in, const Tensor& w, int64_t rows, int64_t dim, float eps) override {
+    const float* wf = w.f32();
+    pool_.parallel_for(rows, 16, [&](int64_t b, int64_t e, int) {
+      for (int64_t r = b; r < e; ++r) {
+        const float* x = in + r * dim;
+        float* y = out + r * dim;
+        double ss = 0.0;
+        for (int64_t j = 0; j < dim; ++j) ss += double(x[j]) * double(x[j]);
+        const float scale = 1.0f / std::sqrt(float(ss / double(dim)) + eps);
+        for (int64_t j = 0; j < dim; ++j) y[j] = (x[j] * scale) * wf[j];
+      }
+    });
+  }
+
+  void matmul(float* out, const Tensor& w, const float* in, int64_t n_tok) override {
+    cpu_matmul(pool_, out, w, in, n_tok);
+  }
+
+  void add_bias(float* x, const Tensor& b, int64_t rows) override {
+    const int64_t d = b.cols;
+    const float* bf = b.f32();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < d; ++j) x[r * d + j] += bf[j];
+  }
+
+  void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0, const RopeParams& p) override {
+    const int64_t half = p.n_rot / 2;
+    pool_.parallel_for(n_tok, 1, [&](int64_t b, int64_t e, int) {
+      thread_local std::vector<float> cs;
+      if (int64_t(cs.size()) < 2 * half) cs.resize(size_t(2 * half));
+      for (int64_t i = b; i < e; ++i) {
+        const double pos = double(pos0 + i);
+        for (int64_t k = 0; k < half; ++k) {
+          double theta = double(p.freq_scale) * pos * std::pow(double(p.base), -2.0 * double(k) / double(p.n_rot));
+          if (p.freq_factors) theta /= double(p.freq_factors[k]);
+          cs[size_t(2 * k)] = float(std::cos(theta));
+          cs[size_t(2 * k + 1)] = float(std::sin(theta));
+        }
+        for (int64_t h = 0; h < n_heads; ++h) {
+          float* v = x + (i * n_heads + h) * head_dim;
+          for (int64_t k = 0; k < half; ++k) {
+            const int64_t ia = p.mode == RopeMode::Norm ? 2 * k : k;
+            const int64_t ib = p.mode == RopeMode::Norm ? 2 * k + 1 : k + half;
+            const float c = cs[size_t(2 * k)], s = cs[size_t(2 * k + 1)];
+            const float a = v[ia], bb = v[ib];
+            v[ia] = a * c - bb * s;
+            v[ib] = a * s + bb * c;
+          }
+        }
+      }
+    });
+  }
+
+  void kv_store(int layer, const float* k, const float* v, int64_t pos0, int64_t n_tok) override {
+    memcpy(k_[size_t(layer)].data() + pos0 * kv_dim_, k, size_t(n_tok * kv_dim_) * sizeof(float));
+    memcpy(v_[size_t(layer)].data() + pos0 * kv_dim_, v, size_t(n_tok * kv_dim_) * sizeof(float));
+  }
+
+  void attention(float* out, const float* q, int layer, int64_t pos0, int64_t n_tok, const AttnParams& p) override {
+    cpu_attention(pool_, out, q, k_[size_t(layer)].data(), v_[size_t(layer)].data(), pos0, n_tok, p);
+  }
+
+  void glu(float* out, const float* gate, const float* up, int64_t n, Activation act) override {
+    pool_.parallel_for(n, 4096, [&](int64_t b, int64_t e, int) {
+      if (act == Activation::Silu) {
+        for (int64_t i = b; i < e; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+      } else {
+        for (int64_t i = b; i < e; ++i) {
+          const float g = gate[i];
+          out[i] = 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
+        }
+      }
+    });
+  }
+
+  void add(float* out, const float* a, const float* b, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+  }
+
+  void to_host(float* dst, const float* src, int64_t n) override { memcpy(dst, src, size_t(n) * sizeof(float)); }
+  void copy(float* dst, const float* src, int64_t n) override { memcpy(dst, src, size_t(n) * sizeof(float)); }
+
+ private:
+  ThreadPool pool_;
+  std::list<std::vector<float>> buffers_;  // list: pointers stay valid as buffers are added
+  std::vector<std::vector<float>> k_, v_;
+  int64_t kv_dim_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Ops> make_cpu_ops(int n_threads) { return std::make_unique<CpuOps>(n_threads); }
+
+}  // namespace tp

@@ -1,0 +1,73 @@
+// ops.h — the seam between the model and the backends.
+//
+// The decoder layer (model/decoder.cpp) is written once against Ops; a backend implements the kernels on
+// its own memory. All activation pointers are the backend's memory (host for cpu, device for cuda) and
+// row-major: [n_tok, dim] means n_tok rows of dim contiguous floats. Weight Tensors come from the stage,
+// which hands the backend its own copy when it has one. Ops also own the stage's KV cache, indexed by the
+// stage-local layer number, because its layout is the backend's business.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "model/config.h"
+#include "model/weights.h"
+
+namespace tp {
+
+struct RopeParams {
+  RopeMode mode = RopeMode::Norm;
+  int64_t n_rot = 0;                    // rotated dims per head (pairs: n_rot/2)
+  float base = 10000.0f;
+  float freq_scale = 1.0f;
+  const float* freq_factors = nullptr;  // [n_rot/2] divisors (rope_freqs.weight) or null
+};
+
+struct AttnParams {
+  int64_t n_head = 0, n_head_kv = 0, head_dim = 0;
+  float kq_scale = 1.0f;
+  int64_t n_swa = 0;  // 0: full causal; else a query at p sees keys p - n_swa + 1 .. p
+};
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+
+  // Activation buffer of n floats in the backend's memory (freed with the Ops).
+  virtual float* alloc(int64_t n) = 0;
+
+  // KV cache for n_layers stage-local layers of kv_dim floats per token, large enough for n_pos positions.
+  // Grows (keeping contents) when called again with a larger n_pos.
+  virtual void kv_reserve(int64_t n_layers, int64_t kv_dim, int64_t n_pos) = 0;
+
+  // out[i] = table[tokens[i]] * scale                                 out: [n, table.cols]
+  virtual void embed(float* out, const Tensor& table, const int32_t* tokens, int64_t n, float scale) = 0;
+  // out[r] = in[r] / sqrt(mean(in[r]^2) + eps) * w                     in/out: [rows, dim], w: [dim] f32
+  virtual void rms_norm(float* out, const float* in, const Tensor& w, int64_t rows, int64_t dim, float eps) = 0;
+  // out[t][r] = sum_k W[r][k] * in[t][k]                              in: [n_tok, w.cols], out: [n_tok, w.rows]
+  virtual void matmul(float* out, const Tensor& w, const float* in, int64_t n_tok) = 0;
+  // x[r] += b                                                          x: [rows, b.cols]
+  virtual void add_bias(float* x, const Tensor& b, int64_t rows) = 0;
+  // Rotate each head of x in place; token i sits at position pos0 + i.  x: [n_tok, n_heads, head_dim]
+  virtual void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0,
+                    const RopeParams& p) = 0;
+  // Store k, v ([n_tok, kv_dim]) for positions pos0.. of stage-local layer `layer`.
+  virtual void kv_store(int layer, const float* k, const float* v, int64_t pos0, int64_t n_tok) = 0;
+  // Causal attention of q ([n_tok, n_head, head_dim], positions pos0..) against the cached keys/values
+  // 0 .. pos0 + n_tok - 1 of `layer`.                                  out: [n_tok, n_head * head_dim]
+  virtual void attention(float* out, const float* q, int layer, int64_t pos0, int64_t n_tok,
+                         const AttnParams& p) = 0;
+  // out = act(gate) * up                                               all: [n]
+  virtual void glu(float* out, const float* gate, const float* up, int64_t n, Activation act) = 0;
+  // out = a + b                                                        all: [n]
+  virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;
+  // Copy n floats from backend memory to the host (blocking).
+  virtual void to_host(float* dst, const float* src, int64_t n) = 0;
+  // Copy n floats between two buffers of this backend.
+  virtual void copy(float* dst, const float* src, int64_t n) = 0;
+};
+
+// CPU backend with its own pool of n_threads worker threads.
+std::unique_ptr<Ops> make_cpu_ops(int n_threads);
+
+}  // namespace tp

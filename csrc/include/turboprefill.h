@@ -1,0 +1,150 @@
+/* turboprefill.h — the public C ABI of the TurboPrefill engine.
+ *
+ * Everything a binding needs and nothing more: opaque handles, plain structs, tp_status codes with fixed
+ * values, and tp_last_error() for the message of the last failure on the calling thread. No C++ type
+ * crosses this boundary; every function catches everything and returns a status.
+ *
+ * Lifetimes: strings returned as `const char*` belong to the library and stay valid until the next call
+ * on the same thread (tp_last_error) or until the owning handle is freed. Buffers passed in are the
+ * caller's; the library never keeps a pointer to them after the call returns.
+ */
+#ifndef TURBOPREFILL_H
+#define TURBOPREFILL_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define TP_API __declspec(dllexport)
+#else
+#define TP_API __attribute__((visibility("default")))
+#endif
+
+/* Status codes. Values are stable: bindings map them to exception types. */
+typedef enum tp_status {
+  TP_OK = 0,
+  TP_ERR_INVALID_ARGUMENT = 1, /* a parameter is out of range or inconsistent */
+  TP_ERR_IO = 2,               /* the file cannot be opened, read or mapped */
+  TP_ERR_FORMAT = 3,           /* the GGUF file is truncated, corrupt or inconsistent */
+  TP_ERR_UNSUPPORTED = 4,      /* valid input this engine does not handle (architecture, tensor type) */
+  TP_ERR_OUT_OF_MEMORY = 5,    /* an allocation failed (host or device) */
+  TP_ERR_CONTEXT_OVERFLOW = 6, /* the prompt does not fit in the remaining context */
+  TP_ERR_DEVICE = 7,           /* a device (GPU driver, CUDA runtime) failed or is missing */
+  TP_ERR_CANCELLED = 8,        /* tp_engine_cancel() stopped the call */
+  TP_ERR_INTERNAL = 9          /* a bug: please report it with the message */
+} tp_status;
+
+/* ggml tensor type ids (same values as ggml's enum). */
+typedef enum tp_type {
+  TP_TYPE_F32 = 0,
+  TP_TYPE_F16 = 1,
+  TP_TYPE_Q4_0 = 2,
+  TP_TYPE_Q4_1 = 3,
+  TP_TYPE_Q5_0 = 6,
+  TP_TYPE_Q5_1 = 7,
+  TP_TYPE_Q8_0 = 8,
+  TP_TYPE_Q8_1 = 9,
+  TP_TYPE_Q2_K = 10,
+  TP_TYPE_Q3_K = 11,
+  TP_TYPE_Q4_K = 12,
+  TP_TYPE_Q5_K = 13,
+  TP_TYPE_Q6_K = 14,
+  TP_TYPE_Q8_K = 15,
+  TP_TYPE_BF16 = 30
+} tp_type;
+
+typedef enum tp_schedule {
+  TP_SCHEDULE_PIPELINED = 0, /* stage s starts ubatch m+1 as soon as it has handed ubatch m on */
+  TP_SCHEDULE_SEQUENTIAL = 1 /* one ubatch in flight at a time (stock layer split), the baseline */
+} tp_schedule;
+
+#define TP_MAX_STAGES 64
+
+typedef struct tp_engine_params {
+  const char* model_path; /* GGUF file */
+  const char* devices;    /* "cpu" | "cpu:0,cpu:1" (one stage per entry) | "cuda" | "cuda:0,cuda:1" */
+  int32_t threads;        /* worker threads per stage; 0 = split the machine's cores between stages */
+  int32_t ubatch;         /* tokens per ubatch (>= 1) */
+  int32_t schedule;       /* tp_schedule */
+  int64_t n_ctx;          /* context size in tokens; 0 = the model's training context */
+  int32_t n_layer_split;  /* number of entries in layer_split; 0 = even split */
+  int32_t layer_split[TP_MAX_STAGES]; /* layers per stage, in stage order */
+  int32_t ring_slots;     /* activation slots between consecutive stages; 0 = default */
+} tp_engine_params;
+
+typedef struct tp_model_info {
+  char architecture[32]; /* general.architecture, e.g. "llama" */
+  int64_t n_vocab;
+  int64_t n_embd;
+  int64_t n_layer;
+  int64_t n_head;
+  int64_t n_head_kv;
+  int64_t head_dim;
+  int64_t n_ff;
+  int64_t n_ctx_train; /* [arch].context_length */
+  int64_t n_ctx;       /* context this engine was created with */
+  int64_t n_past;      /* tokens already in the KV cache */
+  int64_t n_stages;
+  int64_t n_params;    /* weights in the file, in elements */
+  int64_t file_bytes;
+} tp_model_info;
+
+/* One (stage, ubatch) step of the last prefill; times in seconds since the prefill started. */
+typedef struct tp_trace_event {
+  int32_t stage;
+  int32_t ubatch;
+  int64_t n_tokens;
+  double t_start;
+  double t_end;
+} tp_trace_event;
+
+typedef struct tp_engine tp_engine;
+
+/* Message of the last failure on this thread ("" if none). */
+TP_API const char* tp_last_error(void);
+/* JSON object describing how the library was built (SIMD level, CUDA, version). Static storage. */
+TP_API const char* tp_build_info_json(void);
+
+TP_API void tp_engine_params_default(tp_engine_params* params);
+TP_API tp_status tp_engine_create(const tp_engine_params* params, tp_engine** out);
+TP_API void tp_engine_free(tp_engine* engine);
+TP_API tp_status tp_engine_info(const tp_engine* engine, tp_model_info* out);
+
+/* Run the prompt tokens[0..n) after the tokens already in the KV cache.
+ * logits: caller buffer of logits_len floats; receives the last token's logits (n_vocab floats), or
+ * every token's logits (n * n_vocab floats, token-major) when all_logits != 0. May be NULL (no logits). */
+TP_API tp_status tp_engine_prefill(tp_engine* engine, const int32_t* tokens, int64_t n, int32_t all_logits,
+                                   float* logits, int64_t logits_len);
+/* Forget the sequence: the next prefill starts at position 0. */
+TP_API tp_status tp_engine_reset(tp_engine* engine);
+/* Ask a running prefill to stop (any thread); it returns TP_ERR_CANCELLED and the sequence is reset. */
+TP_API void tp_engine_cancel(tp_engine* engine);
+
+/* Timing of the last prefill: wall seconds and per-(stage, ubatch) trace. */
+TP_API tp_status tp_engine_last_seconds(const tp_engine* engine, double* seconds);
+TP_API tp_status tp_engine_trace(const tp_engine* engine, tp_trace_event* events, int64_t cap, int64_t* n_events);
+
+/* Read a GGUF file's header, metadata and tensor table as one JSON document (no weights are read).
+ * The string is owned by the caller: release it with tp_free(). */
+TP_API tp_status tp_gguf_describe_json(const char* path, char** json_out);
+TP_API void tp_free(void* p);
+
+/* Block formats, for tests and the model writer. Sizes: bytes per block and elements per block. */
+TP_API tp_status tp_type_traits(int32_t type, int64_t* block_elems, int64_t* block_bytes, const char** name);
+/* Reference quantizer: n_rows rows of n_per_row floats into dst (n_rows * row_bytes). */
+TP_API tp_status tp_quantize(int32_t type, const float* src, int64_t n_rows, int64_t n_per_row, void* dst,
+                             int64_t dst_bytes);
+/* Dequantize n elements (a whole number of blocks). */
+TP_API tp_status tp_dequantize(int32_t type, const void* src, int64_t n, float* dst);
+/* y[t][r] = sum_k W[r][k] * x[t][k] with W in `type` (rows x k), x and y f32, on the CPU backend. */
+TP_API tp_status tp_cpu_matmul(int32_t type, const void* w, int64_t rows, int64_t k, const float* x, int64_t n_tok,
+                               float* y, int32_t threads);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* TURBOPREFILL_H */

@@ -1,0 +1,124 @@
+// config.cpp — GGUF metadata → ModelConfig, per architecture (GGUF_SPEC §1.6, §5).
+#include "model/config.h"
+
+#include <cmath>
+
+#include "gguf/gguf.h"
+
+namespace tp {
+
+namespace {
+
+// Integer hyperparameter that llama.cpp also accepts as a per-layer array; we need it uniform.
+int64_t get_uniform_int(const GgufFile& f, const std::string& key, int64_t def, bool required) {
+  const GgufValue* v = f.find(key);
+  if (!v) {
+    if (required) fail(TP_ERR_FORMAT, "%s: missing required key '%s'", f.path().c_str(), key.c_str());
+    return def;
+  }
+  if (v->is_array()) {
+    if (v->ai.empty()) fail(TP_ERR_FORMAT, "%s: key '%s' is an empty array", f.path().c_str(), key.c_str());
+    for (int64_t x : v->ai)
+      if (x != v->ai[0])
+        fail(TP_ERR_UNSUPPORTED, "%s: key '%s' varies per layer (%lld vs %lld); only uniform values are supported",
+             f.path().c_str(), key.c_str(), (long long)v->ai[0], (long long)x);
+    return v->ai[0];
+  }
+  return f.get_int(key);
+}
+
+}  // namespace
+
+ModelConfig load_config(const GgufFile& f) {
+  ModelConfig c;
+  c.arch_name = f.get_string("general.architecture");
+  const std::string& a = c.arch_name;
+  if (a == "llama") c.arch = Arch::Llama;
+  else if (a == "qwen2") c.arch = Arch::Qwen2;
+  else if (a == "qwen3") c.arch = Arch::Qwen3;
+  else if (a == "gemma3") c.arch = Arch::Gemma3;
+  else
+    fail(TP_ERR_UNSUPPORTED, "%s: unsupported architecture '%s' (supported: llama, qwen2, qwen3, gemma3)",
+         f.path().c_str(), a.c_str());
+
+  const std::string p = a + ".";
+  c.n_embd = get_uniform_int(f, p + "embedding_length", 0, true);
+  c.n_layer = get_uniform_int(f, p + "block_count", 0, true);
+  c.n_ff = get_uniform_int(f, p + "feed_forward_length", 0, true);
+  c.n_head = get_uniform_int(f, p + "attention.head_count", 0, true);
+  c.n_head_kv = get_uniform_int(f, p + "attention.head_count_kv", c.n_head, false);
+  c.n_ctx_train = get_uniform_int(f, p + "context_length", 0, true);
+  if (c.n_embd <= 0 || c.n_layer <= 0 || c.n_ff <= 0 || c.n_head <= 0 || c.n_head_kv <= 0 || c.n_ctx_train <= 0)
+    fail(TP_ERR_FORMAT,
+         "%s: non-positive hyperparameter (embedding_length=%lld block_count=%lld feed_forward_length=%lld "
+         "head_count=%lld head_count_kv=%lld context_length=%lld)",
+         f.path().c_str(), (long long)c.n_embd, (long long)c.n_layer, (long long)c.n_ff, (long long)c.n_head,
+         (long long)c.n_head_kv, (long long)c.n_ctx_train);
+  if (c.n_head % c.n_head_kv != 0)
+    fail(TP_ERR_FORMAT, "%s: head_count %lld is not a multiple of head_count_kv %lld", f.path().c_str(),
+         (long long)c.n_head, (long long)c.n_head_kv);
+  c.head_dim = f.get_int_or(p + "attention.key_length", c.n_embd / c.n_head);
+  c.head_dim_v = f.get_int_or(p + "attention.value_length", c.head_dim);
+  if (c.head_dim_v != c.head_dim)
+    fail(TP_ERR_UNSUPPORTED, "%s: key_length %lld != value_length %lld is not supported", f.path().c_str(),
+         (long long)c.head_dim, (long long)c.head_dim_v);
+  if (c.head_dim <= 0 || c.head_dim % 2 != 0)
+    fail(TP_ERR_FORMAT, "%s: head size %lld must be positive and even", f.path().c_str(), (long long)c.head_dim);
+  c.n_rot = f.get_int_or(p + "rope.dimension_count", c.head_dim);
+  if (c.n_rot <= 0 || c.n_rot > c.head_dim || c.n_rot % 2 != 0)
+    fail(TP_ERR_FORMAT, "%s: rope.dimension_count %lld must be even and in [2, head size %lld]", f.path().c_str(),
+         (long long)c.n_rot, (long long)c.head_dim);
+  c.norm_eps = float(f.get_float_or(p + "attention.layer_norm_rms_epsilon", 1e-5));
+  c.rope_base = float(f.get_float_or(p + "rope.freq_base", 10000.0));
+
+  const GgufValue* st = f.find(p + "rope.scaling.type");
+  if (st && st->type == GgufValueType::STRING && st->s != "none") {
+    if (st->s != "linear")
+      fail(TP_ERR_UNSUPPORTED, "%s: rope scaling '%s' is not supported (only none and linear)", f.path().c_str(),
+           st->s.c_str());
+    const double factor = f.get_float_or(p + "rope.scaling.factor", 1.0);
+    if (!(factor > 0)) fail(TP_ERR_FORMAT, "%s: rope.scaling.factor %g must be > 0", f.path().c_str(), factor);
+    c.rope_freq_scale = float(1.0 / factor);
+  }
+  c.rope_base_swa = c.rope_base;
+  c.rope_freq_scale_swa = c.rope_freq_scale;
+  c.kq_scale = 1.0f / std::sqrt(float(c.head_dim));
+  c.layer_swa.assign(size_t(c.n_layer), false);
+
+  switch (c.arch) {
+    case Arch::Llama:
+      c.rope_mode = RopeMode::Norm;
+      if (c.n_rot != c.head_dim)
+        fail(TP_ERR_UNSUPPORTED, "%s: llama with partial rotary dims (%lld of %lld) is not supported",
+             f.path().c_str(), (long long)c.n_rot, (long long)c.head_dim);
+      break;
+    case Arch::Qwen2:
+      c.rope_mode = RopeMode::Neox;
+      c.qkv_bias = true;
+      break;
+    case Arch::Qwen3:
+      c.rope_mode = RopeMode::Neox;
+      c.qk_norm = true;
+      break;
+    case Arch::Gemma3: {
+      c.rope_mode = RopeMode::Neox;
+      c.qk_norm = true;
+      c.post_norms = true;
+      c.embed_scale = true;
+      c.act = Activation::GeluTanh;
+      // llama.cpp scales queries by 1/sqrt(n_embd/n_head) for the 27B model (62 layers), else 1/sqrt(head_dim).
+      c.kq_scale = c.n_layer == 62 ? 1.0f / std::sqrt(float(c.n_embd / c.n_head)) : 1.0f / std::sqrt(float(c.head_dim));
+      c.n_swa = f.get_int_or(p + "attention.sliding_window", 0);
+      if (c.n_swa < 0) fail(TP_ERR_FORMAT, "%s: sliding_window %lld < 0", f.path().c_str(), (long long)c.n_swa);
+      if (c.n_swa > 0) {
+        for (int64_t il = 0; il < c.n_layer; ++il) c.layer_swa[size_t(il)] = (il % 6) < 5;  // every 6th is global
+        c.rope_base_swa = 10000.0f;
+        c.rope_freq_scale_swa = 1.0f;
+      }
+      break;
+    }
+  }
+  return c;
+}
+
+}  // namespace tp

@@ -1,0 +1,67 @@
+// config.h — ModelConfig: every model dimension and architecture flag, read once from GGUF metadata.
+//
+// One place per fact: the decoder layer, the weight loader and the backends read dimensions from here and
+// nowhere else. Architectures differ only by the flags below (STYLE rule 2); adding one means teaching
+// config.cpp its metadata and flags, not writing a new layer.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tp {
+
+class GgufFile;
+
+enum class Arch { Llama, Qwen2, Qwen3, Gemma3 };
+enum class RopeMode { Norm, Neox };  // adjacent pairs (llama) / half-offset pairs (HF rotate_half)
+enum class Activation { Silu, GeluTanh };
+
+struct ModelConfig {
+  std::string arch_name;  // general.architecture
+  Arch arch = Arch::Llama;
+
+  int64_t n_vocab = 0;      // rows of token_embd
+  int64_t n_embd = 0;       // hidden size
+  int64_t n_layer = 0;
+  int64_t n_head = 0;
+  int64_t n_head_kv = 0;
+  int64_t head_dim = 0;     // key/query head size (key_length)
+  int64_t head_dim_v = 0;   // value head size (value_length)
+  int64_t n_ff = 0;         // feed-forward hidden size
+  int64_t n_ctx_train = 0;  // context_length
+  int64_t n_rot = 0;        // rope.dimension_count (rotated dims per head)
+  float norm_eps = 1e-5f;
+
+  // RoPE. Global layers use rope_base/rope_freq_scale; sliding-window layers use the *_swa values.
+  RopeMode rope_mode = RopeMode::Norm;
+  float rope_base = 10000.0f;
+  float rope_freq_scale = 1.0f;  // 1 / rope.scaling.factor for linear scaling
+  float rope_base_swa = 10000.0f;
+  float rope_freq_scale_swa = 1.0f;
+  bool has_rope_freqs = false;  // llama 3.1+: per-dimension divisors in rope_freqs.weight
+
+  // Layer flags.
+  bool qkv_bias = false;       // qwen2: bias after q/k/v projections
+  bool qk_norm = false;        // qwen3, gemma3: per-head RMSNorm of q and k before RoPE
+  bool post_norms = false;     // gemma3: RMSNorm of the attention and FFN outputs before the residual add
+  bool embed_scale = false;    // gemma3: embeddings times sqrt(n_embd)
+  bool tied_output = false;    // no output.weight: lm_head is token_embd
+  Activation act = Activation::Silu;
+  float kq_scale = 1.0f;       // softmax(q·k * kq_scale)
+
+  // Sliding-window attention (gemma3): layer il is local when layer_swa[il]; a local query at position p
+  // sees keys p - n_swa + 1 .. p.
+  int64_t n_swa = 0;
+  std::vector<bool> layer_swa;
+
+  int64_t q_dim() const { return n_head * head_dim; }
+  int64_t kv_dim() const { return n_head_kv * head_dim; }
+  int64_t v_dim() const { return n_head_kv * head_dim_v; }
+};
+
+// Reads and checks the configuration. Throws tp::Error (TP_ERR_UNSUPPORTED for an unknown architecture,
+// TP_ERR_FORMAT for missing or inconsistent keys), naming the key and the values found.
+ModelConfig load_config(const GgufFile& f);
+
+}  // namespace tp

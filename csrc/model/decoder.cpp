@@ -1,0 +1,84 @@
+// decoder.cpp — the decoder layer, top to bottom as in the papers (GGUF_SPEC §5.2–5.5).
+#include "model/decoder.h"
+
+#include <cmath>
+
+namespace tp {
+
+LayerScratch LayerScratch::make(Ops& ops, const ModelConfig& c, int64_t cap) {
+  LayerScratch s;
+  s.cap = cap;
+  s.h = ops.alloc(cap * c.n_embd);
+  s.q = ops.alloc(cap * c.q_dim());
+  s.k = ops.alloc(cap * c.kv_dim());
+  s.v = ops.alloc(cap * c.v_dim());
+  s.att = ops.alloc(cap * c.q_dim());
+  s.gate = ops.alloc(cap * c.n_ff);
+  s.up = ops.alloc(cap * c.n_ff);
+  s.tmp = ops.alloc(cap * c.n_embd);
+  return s;
+}
+
+void embed_tokens(Ops& ops, const ModelConfig& c, const ModelWeights& w, const int32_t* tokens, int64_t n, float* x) {
+  const float scale = c.embed_scale ? std::sqrt(float(c.n_embd)) : 1.0f;
+  ops.embed(x, w.tok_embd, tokens, n, scale);
+}
+
+void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_t il, int kv_layer,
+                   LayerScratch& s, float* x, int64_t pos0, int64_t n_tok) {
+  const LayerWeights& l = w.layers[size_t(il)];
+  const bool swa = c.layer_swa[size_t(il)];
+
+  // --- attention block ---
+  ops.rms_norm(s.h, x, l.attn_norm, n_tok, c.n_embd, c.norm_eps);
+  ops.matmul(s.q, l.wq, s.h, n_tok);
+  ops.matmul(s.k, l.wk, s.h, n_tok);
+  ops.matmul(s.v, l.wv, s.h, n_tok);
+  if (c.qkv_bias) {
+    ops.add_bias(s.q, l.bq, n_tok);
+    ops.add_bias(s.k, l.bk, n_tok);
+    ops.add_bias(s.v, l.bv, n_tok);
+  }
+  if (c.qk_norm) {  // per-head RMSNorm over head_dim, before RoPE
+    ops.rms_norm(s.q, s.q, l.q_norm, n_tok * c.n_head, c.head_dim, c.norm_eps);
+    ops.rms_norm(s.k, s.k, l.k_norm, n_tok * c.n_head_kv, c.head_dim, c.norm_eps);
+  }
+  RopeParams rp;
+  rp.mode = c.rope_mode;
+  rp.n_rot = c.n_rot;
+  rp.base = swa ? c.rope_base_swa : c.rope_base;
+  rp.freq_scale = swa ? c.rope_freq_scale_swa : c.rope_freq_scale;
+  rp.freq_factors = c.has_rope_freqs ? w.rope_freqs.f32() : nullptr;
+  ops.rope(s.q, n_tok, c.n_head, c.head_dim, pos0, rp);
+  ops.rope(s.k, n_tok, c.n_head_kv, c.head_dim, pos0, rp);
+
+  ops.kv_store(kv_layer, s.k, s.v, pos0, n_tok);
+  AttnParams ap;
+  ap.n_head = c.n_head;
+  ap.n_head_kv = c.n_head_kv;
+  ap.head_dim = c.head_dim;
+  ap.kq_scale = c.kq_scale;
+  ap.n_swa = swa ? c.n_swa : 0;
+  ops.attention(s.att, s.q, kv_layer, pos0, n_tok, ap);
+
+  ops.matmul(s.tmp, l.wo, s.att, n_tok);
+  if (c.post_norms) ops.rms_norm(s.tmp, s.tmp, l.post_attn_norm, n_tok, c.n_embd, c.norm_eps);
+  ops.add(x, x, s.tmp, n_tok * c.n_embd);
+
+  // --- feed-forward block ---
+  ops.rms_norm(s.h, x, l.ffn_norm, n_tok, c.n_embd, c.norm_eps);
+  ops.matmul(s.gate, l.gate, s.h, n_tok);
+  ops.matmul(s.up, l.up, s.h, n_tok);
+  ops.glu(s.gate, s.gate, s.up, n_tok * c.n_ff, c.act);
+  ops.matmul(s.tmp, l.down, s.gate, n_tok);
+  if (c.post_norms) ops.rms_norm(s.tmp, s.tmp, l.post_ffw_norm, n_tok, c.n_embd, c.norm_eps);
+  ops.add(x, x, s.tmp, n_tok * c.n_embd);
+}
+
+void output_logits(Ops& ops, const ModelConfig& c, const ModelWeights& w, const float* x, int64_t n_rows,
+                   float* normed, float* logits) {
+  ops.rms_norm(normed, x, w.output_norm, n_rows, c.n_embd, c.norm_eps);
+  ops.matmul(logits, w.output, normed, n_rows);
+}
+
+}  // namespace tp

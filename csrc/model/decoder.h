@@ -1,0 +1,41 @@
+// decoder.h — the forward pass, written once against Ops (GGUF_SPEC §5).
+//
+// A stage calls embed_tokens (first stage), decoder_layer for each of its layers, and output_logits (last
+// stage). Architectures differ only by ModelConfig flags. Buffers are the backend's memory.
+#pragma once
+
+#include <cstdint>
+
+#include "backend/ops.h"
+
+namespace tp {
+
+// Per-ubatch scratch for one stage, sized for up to `cap` tokens.
+struct LayerScratch {
+  int64_t cap = 0;
+  float* h = nullptr;     // [cap, n_embd]   normed input of a sub-block
+  float* q = nullptr;     // [cap, q_dim]
+  float* k = nullptr;     // [cap, kv_dim]
+  float* v = nullptr;     // [cap, v_dim]
+  float* att = nullptr;   // [cap, q_dim]    attention output (heads concatenated)
+  float* gate = nullptr;  // [cap, n_ff]
+  float* up = nullptr;    // [cap, n_ff]
+  float* tmp = nullptr;   // [cap, n_embd]   projection output before the residual add
+
+  static LayerScratch make(Ops& ops, const ModelConfig& c, int64_t cap);
+};
+
+// x[i] = token_embd[tokens[i]] (× sqrt(n_embd) for gemma3).           x: [n, n_embd]
+void embed_tokens(Ops& ops, const ModelConfig& c, const ModelWeights& w, const int32_t* tokens, int64_t n, float* x);
+
+// One decoder layer in place on the residual stream x ([n_tok, n_embd], positions pos0..).
+// il: the model's layer index (selects weights, SWA and RoPE base); kv_layer: stage-local KV slot.
+void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_t il, int kv_layer,
+                   LayerScratch& s, float* x, int64_t pos0, int64_t n_tok);
+
+// logits[r] = output · RMSNorm(x[r]) · output_norm for the n_rows rows of x.   logits: [n_rows, n_vocab]
+// `normed` is scratch of [n_rows, n_embd].
+void output_logits(Ops& ops, const ModelConfig& c, const ModelWeights& w, const float* x, int64_t n_rows,
+                   float* normed, float* logits);
+
+}  // namespace tp

@@ -1,0 +1,61 @@
+// weights.h — typed views of the model's tensors (zero-copy into the GGUF mapping) and their checks.
+//
+// A Tensor is a 2-D view [rows = ne1, cols = ne0] of one GGUF tensor: each row is ne0 elements along the
+// reduction dimension, stored as whole blocks of `type`. Shapes are checked once at load against
+// ModelConfig; after that the layer code trusts them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+#include "quant/types.h"
+
+namespace tp {
+
+class GgufFile;
+
+struct Tensor {
+  const char* name = nullptr;  // points into the GgufFile's tensor table
+  GgmlType type = GgmlType::F32;
+  int64_t cols = 0;            // ne0: elements per row (reduction dim)
+  int64_t rows = 1;            // ne1 * ne2 * ne3
+  int64_t row_bytes = 0;
+  const void* data = nullptr;  // host pointer into the mapping (a backend may keep its own copy)
+
+  bool present() const { return data != nullptr; }
+  const uint8_t* row(int64_t r) const { return static_cast<const uint8_t*>(data) + r * row_bytes; }
+  const float* f32() const { return static_cast<const float*>(data); }
+};
+
+struct LayerWeights {
+  Tensor attn_norm;       // [n_embd] f32
+  Tensor wq;              // [n_embd, n_head*head_dim] q4_K
+  Tensor wk;              // [n_embd, n_head_kv*head_dim] q4_K
+  Tensor wv;              // [n_embd, n_head_kv*head_dim] q4_K / q6_K
+  Tensor wo;              // [n_head*head_dim, n_embd] q4_K
+  Tensor bq, bk, bv;      // [q_dim], [kv_dim], [kv_dim] f32 (qwen2 only)
+  Tensor q_norm, k_norm;  // [head_dim] f32 (qwen3, gemma3)
+  Tensor post_attn_norm;  // [n_embd] f32 (gemma3)
+  Tensor ffn_norm;        // [n_embd] f32
+  Tensor gate;            // [n_embd, n_ff] q4_K
+  Tensor up;              // [n_embd, n_ff] q4_K
+  Tensor down;            // [n_ff, n_embd] q4_K / q6_K
+  Tensor post_ffw_norm;   // [n_embd] f32 (gemma3)
+};
+
+struct ModelWeights {
+  Tensor tok_embd;     // [n_embd, n_vocab] q4_K / q6_K
+  Tensor output_norm;  // [n_embd] f32
+  Tensor output;       // [n_embd, n_vocab] q6_K; == tok_embd when tied
+  Tensor rope_freqs;   // [n_rot/2] f32, optional (llama 3.1+)
+  std::vector<LayerWeights> layers;
+  int64_t n_params = 0;  // elements over all tensors in the file
+};
+
+// Finds every tensor the architecture needs, checks shapes and types, fills cfg.n_vocab and
+// cfg.tied_output. Throws tp::Error naming the tensor, the expected and the found shape or type.
+ModelWeights load_weights(const GgufFile& f, ModelConfig& cfg);
+
+}  // namespace tp

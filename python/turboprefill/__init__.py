@@ -1,0 +1,32 @@
+"""TurboPrefill: pipelined long-prompt prefill for GGUF LLMs split by layers across devices.
+
+    from turboprefill import Engine
+    eng = Engine("model.gguf", devices="cpu", ubatch=512)
+    res = eng.prefill(eng.tokenize("Hello"))
+    res.logits, res.stats, res.trace
+"""
+
+from .engine import Engine, PrefillResult, Trace, build_info
+from .errors import (
+    CancelledError,
+    ContextOverflowError,
+    DeviceError,
+    FormatError,
+    TurboPrefillError,
+    UnsupportedError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine",
+    "PrefillResult",
+    "Trace",
+    "build_info",
+    "TurboPrefillError",
+    "FormatError",
+    "UnsupportedError",
+    "ContextOverflowError",
+    "DeviceError",
+    "CancelledError",
+]

@@ -1,0 +1,340 @@
+"""The Engine API: configuration in, PrefillResult (logits, stats, trace) out.
+
+Python owns configuration, tokenization and result shaping; all compute happens in the C++ engine behind
+the C ABI. A prefill runs in a helper thread so that Ctrl-C in the caller cancels it promptly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ._native import check, ffi, lib
+
+SCHEDULES = {"pipelined": 0, "sequential": 1}
+
+
+def build_info() -> dict:
+    """How the native library was built: {"cuda": bool, "cuda_archs": [...], "cuda_version": str|None, "simd": str}."""
+    return json.loads(ffi.string(lib.tp_build_info_json()).decode())
+
+
+@dataclass
+class TraceEvent:
+    stage: int
+    ubatch: int
+    n_tokens: int
+    start: float  # seconds since the prefill started
+    end: float
+
+
+@dataclass
+class Trace:
+    """Per-(stage, ubatch) timing of one prefill."""
+
+    events: list[TraceEvent] = field(default_factory=list)
+
+    @property
+    def n_stages(self) -> int:
+        return 1 + max((e.stage for e in self.events), default=-1)
+
+    @property
+    def n_ubatches(self) -> int:
+        return 1 + max((e.ubatch for e in self.events), default=-1)
+
+    def to_chrome_trace(self, path: str | os.PathLike) -> None:
+        """Write a Chrome/Perfetto trace (one track per stage)."""
+        evs = [
+            {
+                "name": f"ubatch {e.ubatch}",
+                "cat": "prefill",
+                "ph": "X",
+                "pid": 0,
+                "tid": e.stage,
+                "ts": e.start * 1e6,
+                "dur": (e.end - e.start) * 1e6,
+                "args": {"tokens": e.n_tokens},
+            }
+            for e in self.events
+        ]
+        meta = [
+            {"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}}
+            for s in range(self.n_stages)
+        ]
+        with open(path, "w") as f:
+            json.dump({"traceEvents": meta + evs, "displayTimeUnit": "ms"}, f)
+
+    def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
+        """Save a Gantt chart (stages × time, one box per ubatch) as an image. Needs matplotlib."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * max(1, self.n_stages)))
+        cmap = plt.get_cmap("tab20")
+        for e in self.events:
+            ax.barh(e.stage, (e.end - e.start) * 1e3, left=e.start * 1e3, color=cmap(e.ubatch % 20),
+                    edgecolor="black", linewidth=0.3)
+        ax.set_yticks(range(self.n_stages))
+        ax.set_yticklabels([f"stage {s}" for s in range(self.n_stages)])
+        ax.invert_yaxis()
+        ax.set_xlabel("time (ms)")
+        ax.set_title(title or f"{self.n_ubatches} ubatches × {self.n_stages} stages")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+@dataclass
+class PrefillResult:
+    logits: np.ndarray  # float32 [n_vocab] (last token) or [n_tokens, n_vocab] (all_logits=True)
+    stats: dict
+    trace: Trace
+
+
+def _stats(trace: Trace, seconds: float, n_tokens: int) -> dict:
+    P, M = trace.n_stages, trace.n_ubatches
+    busy = [0.0] * P
+    for e in trace.events:
+        busy[e.stage] += e.end - e.start
+    ideal = (M * P) / (M + P - 1) if M and P else 1.0
+    # Speedup over running the same steps one at a time (the sequential schedule's lower bound).
+    speedup = sum(busy) / seconds if seconds > 0 else 0.0
+    return {
+        "tokens": n_tokens,
+        "seconds": seconds,
+        "tokens_per_second": n_tokens / seconds if seconds > 0 else float("inf"),
+        "stages": P,
+        "ubatches": M,
+        "stage_busy_seconds": busy,
+        "bubble_fraction": 1.0 - sum(busy) / (P * seconds) if seconds > 0 and P else 0.0,
+        "ideal_speedup": ideal,
+        "speedup_vs_serial": speedup,
+        "efficiency": speedup / ideal if ideal > 0 else 0.0,
+    }
+
+
+def _as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"tokens must be a 1-D sequence of ints, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError("token ids must fit in int32")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+class Engine:
+    """A loaded model placed on one or more devices (one pipeline stage per device entry).
+
+    Args:
+        model: path of a GGUF file, or the name of a model installed from PyPI ("gemma3-270m", "smollm2").
+        devices: "cpu", "cpu:0,cpu:1" (one stage per entry), "cuda", "cuda:0,cuda:1", or a list of entries.
+        threads: worker threads per stage (None: the machine's cores split between stages).
+        ubatch: tokens per ubatch.
+        schedule: "pipelined" or "sequential".
+        n_ctx: context size (None: the model's training context).
+        layer_split: layers per stage (None: even split).
+        ring_slots: activation slots between consecutive stages (None: default).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        devices: str | Iterable[str] = "cpu",
+        threads: int | None = None,
+        ubatch: int = 512,
+        schedule: str = "pipelined",
+        n_ctx: int | None = None,
+        layer_split: Sequence[int] | None = None,
+        ring_slots: int | None = None,
+    ):
+        from .models import resolve_model
+
+        self._h = None
+        self.path = str(resolve_model(model))
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        dev = devices if isinstance(devices, str) else ",".join(devices)
+        p = ffi.new("tp_engine_params *")
+        lib.tp_engine_params_default(p)
+        keep = [ffi.new("char[]", os.fsencode(self.path)), ffi.new("char[]", dev.encode())]
+        p.model_path = keep[0]
+        p.devices = keep[1]
+        p.threads = int(threads or 0)
+        p.ubatch = int(ubatch)
+        p.schedule = SCHEDULES[schedule]
+        p.n_ctx = int(n_ctx or 0)
+        if layer_split is not None:
+            split = [int(x) for x in layer_split]
+            if len(split) > lib.TP_MAX_STAGES:
+                raise ValueError(f"layer_split has {len(split)} entries; at most {lib.TP_MAX_STAGES}")
+            p.n_layer_split = len(split)
+            for i, v in enumerate(split):
+                p.layer_split[i] = v
+        p.ring_slots = int(ring_slots or 0)
+        out = ffi.new("tp_engine **")
+        check(lib.tp_engine_create(p, out))
+        self._h = out[0]
+        self.devices = dev
+        self.ubatch = int(ubatch)
+        self.schedule = schedule
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._h is not None:
+            lib.tp_engine_free(self._h)
+            self._h = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _handle(self):
+        if self._h is None:
+            raise ValueError("Engine is closed")
+        return self._h
+
+    # ---- info ----------------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        info = ffi.new("tp_model_info *")
+        check(lib.tp_engine_info(self._handle(), info))
+        return {
+            "architecture": ffi.string(info.architecture).decode(),
+            "n_vocab": info.n_vocab,
+            "n_embd": info.n_embd,
+            "n_layer": info.n_layer,
+            "n_head": info.n_head,
+            "n_head_kv": info.n_head_kv,
+            "head_dim": info.head_dim,
+            "n_ff": info.n_ff,
+            "n_ctx_train": info.n_ctx_train,
+            "n_ctx": info.n_ctx,
+            "n_stages": info.n_stages,
+            "n_params": info.n_params,
+            "file_bytes": info.file_bytes,
+            "devices": self.devices,
+            "ubatch": self.ubatch,
+            "schedule": self.schedule,
+        }
+
+    @property
+    def n_past(self) -> int:
+        """Tokens already in the sequence (the KV cache)."""
+        info = ffi.new("tp_model_info *")
+        check(lib.tp_engine_info(self._handle(), info))
+        return int(info.n_past)
+
+    # ---- tokenizer -----------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .ggufinfo import describe_gguf
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_metadata(describe_gguf(self.path)["metadata"])
+        return self._tokenizer
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # ---- compute -------------------------------------------------------------------------------------
+    def prefill(self, tokens: Sequence[int] | np.ndarray, all_logits: bool = False) -> PrefillResult:
+        """Run the tokens after those already in the sequence; returns the last token's logits (or all)."""
+        toks = _as_tokens(tokens)
+        n = int(toks.size)
+        n_vocab = self.config["n_vocab"]
+        logits = np.empty((n, n_vocab) if all_logits else (n_vocab,), dtype=np.float32)
+        h = self._handle()
+        with self._lock:
+            status = self._run_cancellable(
+                lambda: lib.tp_engine_prefill(
+                    h,
+                    ffi.cast("const int32_t *", ffi.from_buffer(toks)),
+                    n,
+                    1 if all_logits else 0,
+                    ffi.cast("float *", ffi.from_buffer(logits)),
+                    logits.size,
+                )
+            )
+            check(status)
+            seconds = ffi.new("double *")
+            check(lib.tp_engine_last_seconds(h, seconds))
+            trace = self._trace()
+        return PrefillResult(logits=logits, stats=_stats(trace, seconds[0], n), trace=trace)
+
+    def _run_cancellable(self, call) -> int:
+        """Run a blocking native call in a thread; Ctrl-C cancels it and re-raises KeyboardInterrupt."""
+        result: list[int] = []
+        t = threading.Thread(target=lambda: result.append(call()), daemon=True)
+        t.start()
+        try:
+            while t.is_alive():
+                t.join(0.05)
+        except KeyboardInterrupt:
+            lib.tp_engine_cancel(self._h)
+            t.join()
+            raise
+        return result[0]
+
+    def _trace(self) -> Trace:
+        n = ffi.new("int64_t *")
+        check(lib.tp_engine_trace(self._h, ffi.NULL, 0, n))
+        buf = ffi.new("tp_trace_event[]", max(1, n[0]))
+        check(lib.tp_engine_trace(self._h, buf, n[0], n))
+        return Trace([TraceEvent(e.stage, e.ubatch, e.n_tokens, e.t_start, e.t_end) for e in buf[0 : n[0]]])
+
+    def reset(self) -> None:
+        """Forget the sequence; the next prefill starts at position 0."""
+        check(lib.tp_engine_reset(self._handle()))
+
+    def cancel(self) -> None:
+        """Ask a running prefill (in another thread) to stop."""
+        if self._h is not None:
+            lib.tp_engine_cancel(self._h)
+
+    def generate(self, tokens: Sequence[int] | np.ndarray, max_new_tokens: int = 32,
+                 stop_at_eos: bool = True) -> list[int]:
+        """Greedy decoding built on prefill: returns the new token ids (the prompt is prefilled first)."""
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        eos = None
+        if stop_at_eos:
+            try:
+                eos = self.tokenizer.eos_id
+            except Exception:
+                eos = None
+        out: list[int] = []
+        if max_new_tokens == 0:
+            return out
+        res = self.prefill(tokens)
+        for _ in range(max_new_tokens):
+            nxt = int(np.argmax(res.logits))
+            out.append(nxt)
+            if eos is not None and nxt == eos:
+                break
+            if len(out) == max_new_tokens:
+                break
+            res = self.prefill([nxt])
+        return out

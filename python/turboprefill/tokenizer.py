@@ -1,0 +1,373 @@
+"""Text <-> token ids, built only from a GGUF's ``tokenizer.ggml.*`` metadata, reproducing llama.cpp's ids.
+
+Owns: the two vocabulary kinds our models use and llama.cpp's rules around them.
+
+- ``tokenizer.ggml.model == "gpt2"``: byte-level BPE (SmolLM2). HF ``tokenizers`` runs the BPE from the
+  GGUF's ``tokens`` + ``merges``; the pre-tokenizer is the chain of split regexes llama.cpp uses for the
+  file's ``tokenizer.ggml.pre`` (each regex splits every piece again, matches and gaps both kept, i.e.
+  HF ``Split(..., "isolated")``), then ByteLevel without its own regex.
+- ``tokenizer.ggml.model == "llama"``: SentencePiece-style vocabulary (Gemma 3). llama.cpp's SPM
+  tokenizer is SentencePiece's BPE algorithm (merge the adjacent pair whose joined piece has the highest
+  score, leftmost first, unknown characters as ``<0xXX>`` bytes), so a ``sentencepiece`` ModelProto is
+  written straight from ``tokens``/``scores``/``token_type`` (hand-encoded protobuf: no ``protobuf``
+  dependency, ~0.4 s for Gemma's 262144 pieces) with normalization switched off; we escape ' ' as U+2581
+  and add llama.cpp's optional space prefix ourselves.
+
+Shared by both, done here in Python exactly as llama.cpp's ``tokenizer_st_partition`` does it: before any
+BPE, the text is cut at every occurrence of a user-defined token (and, with ``special=True``, of control
+and unknown tokens too), longest token text first, each occurrence left to right. Gemma relies on this:
+its runs of spaces, newlines and tabs and some HTML tags are user-defined tokens that must be cut out of
+the *raw* text (SentencePiece would see spaces only after escaping them).
+
+Every non-byte piece is entered in the ModelProto as NORMAL, control and user-defined ones included,
+because llama.cpp's SPM merges into any token whose text exists in the vocabulary; only ``<unk>`` (which
+SentencePiece requires) and the ``<0xXX>`` byte pieces keep their own types.
+
+Decoding concatenates each token's bytes (byte-level inverse map for gpt2, U+2581 -> ' ' and byte pieces for
+llama; control tokens are dropped unless ``special=True``) and decodes UTF-8 with replacement, which is what
+llama.cpp's ``llama_detokenize`` does for vocabularies that do not clean up spaces (ours).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping, Sequence
+
+# llama_token_type in the GGUF's tokenizer.ggml.token_type
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# llama.cpp (src/llama-vocab.cpp, llm_tokenizer_bpe) split regexes per pre-tokenizer family. Applied in
+# order; every regex re-splits every piece produced so far.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_BPE_PRE: dict[str, tuple[str, ...]] = {
+    # llama.cpp's fallback for an unnamed BPE pre-tokenizer
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    "gpt2": (_GPT2,),
+    "gpt-2": (_GPT2,),
+    "mpt": (_GPT2,),
+    "olmo": (_GPT2,),
+    # one digit per piece, then GPT-2
+    "smollm": (r"\p{N}", _GPT2),
+    "starcoder": (r"\p{N}", _GPT2),
+    "refact": (r"\p{N}", _GPT2),
+    "command-r": (r"\p{N}", _GPT2),
+    "codeshell": (r"\p{N}", _GPT2),
+    "exaone": (r"\p{N}", _GPT2),
+    "minerva-7b": (r"\p{N}", _GPT2),
+    "llama-bpe": (_LLAMA3,),
+    "llama3": (_LLAMA3,),
+    "llama-v3": (_LLAMA3,),
+    "falcon3": (_LLAMA3,),
+    "pixtral": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+    "deepseek-r1-qwen": (_QWEN2,),
+    "stablelm2": (_QWEN2,),
+    "megrez": (_QWEN2,),
+}
+# llama.cpp sets ignore_merges for the Llama-3 family: a pre-token that is itself a vocabulary entry is
+# emitted whole, without running the merges.
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"}
+# Pre-tokenizers for which llama.cpp switches add_bos on when the GGUF does not say.
+_ADD_BOS_DEFAULT = _IGNORE_MERGES
+
+_SPIECE_SPACE = "\u2581"
+
+
+def _gpt2_byte_map() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (printable bytes map to themselves)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field_bytes(num: int, payload: bytes) -> bytes:
+    return _varint(num << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _spm_model_proto(pieces: Sequence[bytes], scores: Sequence[float], types: Sequence[int], unk_id: int) -> bytes:
+    """Serialized sentencepiece ModelProto (BPE, byte fallback, no normalization).
+
+    Field numbers from sentencepiece_model.proto: ModelProto{1: pieces, 2: trainer_spec,
+    3: normalizer_spec}; SentencePiece{1: piece, 2: score (float), 3: type}; TrainerSpec{3: model_type
+    (BPE = 2), 35: byte_fallback, 40: unk_id, 41: bos_id, 42: eos_id, 43: pad_id};
+    NormalizerSpec{1: name, 3: add_dummy_prefix, 4: remove_extra_whitespaces, 5: escape_whitespaces}.
+    """
+    pack_f = struct.Struct("<f").pack
+    # SentencePiece.type enum: NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, BYTE=6, UNUSED=5
+    type_tail = {t: b"\x18" + _varint(t) for t in (1, 2, 6)}
+    parts = []
+    for piece, score, t in zip(pieces, scores, types):
+        sp_type = 6 if t == TOKEN_BYTE else (2 if t == TOKEN_UNKNOWN else 1)
+        body = b"\x0a" + _varint(len(piece)) + piece + b"\x15" + pack_f(score) + type_tail[sp_type]
+        parts.append(b"\x0a" + _varint(len(body)) + body)
+    trainer = (
+        b"\x18\x02"  # model_type = BPE
+        + b"\x98\x02\x01"  # byte_fallback = true (field 35, varint)
+        + _varint(40 << 3) + _varint(unk_id)
+        # bos/eos/pad = -1: SentencePiece must not treat any piece as one of them; we add BOS ourselves.
+        + _varint(41 << 3) + _varint((1 << 64) - 1)
+        + _varint(42 << 3) + _varint((1 << 64) - 1)
+        + _varint(43 << 3) + _varint((1 << 64) - 1)
+    )
+    normalizer = _field_bytes(1, b"identity") + b"\x18\x00" + b"\x20\x00" + b"\x28\x00"
+    parts.append(_field_bytes(2, trainer))
+    parts.append(_field_bytes(3, normalizer))
+    return b"".join(parts)
+
+
+class Tokenizer:
+    """A GGUF vocabulary that tokenizes like llama.cpp's ``llama_tokenize``.
+
+    Build it with :meth:`from_metadata` (the ``metadata`` dict of ``describe_gguf``) or :meth:`from_gguf`.
+    """
+
+    def __init__(self, md: Mapping[str, object]):
+        self.model = str(md.get("tokenizer.ggml.model", ""))
+        tokens = md.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise ValueError("GGUF metadata has no tokenizer.ggml.tokens: the file carries no vocabulary")
+        if self.model not in ("gpt2", "llama"):
+            raise ValueError(
+                f"unsupported tokenizer.ggml.model {self.model!r}: TurboPrefill tokenizes 'gpt2' (byte-level "
+                "BPE) and 'llama' (SentencePiece-style) vocabularies; tokenize with another tool and pass ids"
+            )
+        self.pre = str(md.get("tokenizer.ggml.pre", "default") or "default")
+        self.tokens: list[str] = list(tokens)
+        n = len(self.tokens)
+        types = md.get("tokenizer.ggml.token_type")
+        self.token_types: list[int] = list(types) if types is not None else [TOKEN_NORMAL] * n
+        if len(self.token_types) != n:
+            raise ValueError(f"tokenizer.ggml.token_type has {len(self.token_types)} entries, tokens has {n}")
+
+        # Defaults are llama.cpp's when the GGUF leaves a key out.
+        spm = self.model == "llama"
+        self.bos_id: int | None = int(md.get("tokenizer.ggml.bos_token_id", 1 if spm else 11))
+        self.eos_id: int | None = int(md.get("tokenizer.ggml.eos_token_id", 2 if spm else 11))
+        self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", spm or self.pre in _ADD_BOS_DEFAULT))
+        self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
+        self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", spm))
+        for name in ("bos_id", "eos_id"):
+            v = getattr(self, name)
+            if not 0 <= v < n:
+                setattr(self, name, None)  # an id outside the vocabulary means "none", as in llama.cpp
+
+        # Texts cut out before BPE, longest first (llama.cpp sorts cache_special_tokens by byte length;
+        # ties keep id order here, which only matters for equal-length texts that overlap).
+        order = sorted(range(n), key=lambda i: -len(self.tokens[i].encode("utf-8", "surrogateescape")))
+        self._user_defined = [(self.tokens[i], i) for i in order if self.token_types[i] == TOKEN_USER_DEFINED]
+        self._special = [
+            (self.tokens[i], i)
+            for i in order
+            if self.token_types[i] in (TOKEN_USER_DEFINED, TOKEN_CONTROL, TOKEN_UNKNOWN)
+        ]
+
+        if spm:
+            self._init_spm(md)
+        else:
+            self._init_bpe(md)
+
+    # ---- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_metadata(cls, md: Mapping[str, object]) -> Tokenizer:
+        """From a GGUF metadata dict: key -> value, arrays as lists (``describe_gguf(path)["metadata"]``)."""
+        return cls(md)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """Read the GGUF's metadata with the engine's reader and build the tokenizer from it."""
+        from .ggufinfo import describe_gguf  # needs the native library; from_metadata does not
+
+        return cls(describe_gguf(path)["metadata"])
+
+    def _init_bpe(self, md: Mapping[str, object]) -> None:
+        from tokenizers import Regex, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.models import BPE
+
+        regexes = _BPE_PRE.get(self.pre)
+        if regexes is None:
+            raise ValueError(
+                f"unsupported tokenizer.ggml.pre {self.pre!r} for a gpt2 vocabulary; "
+                f"supported: {', '.join(sorted(_BPE_PRE))}"
+            )
+        merges_md = md.get("tokenizer.ggml.merges")
+        if not merges_md:
+            raise ValueError("gpt2 vocabulary without tokenizer.ggml.merges")
+        merges = []
+        for m in merges_md:
+            # llama.cpp splits at the first space after position 0 (a merge's left part is never empty).
+            k = m.find(" ", 1)
+            if k < 0:
+                raise ValueError(f"malformed merge {m!r} in tokenizer.ggml.merges (expected 'left right')")
+            merges.append((m[:k], m[k + 1 :]))
+        vocab = {}
+        for i, t in enumerate(self.tokens):
+            vocab[t] = i  # a duplicated text maps to its last id, like llama.cpp's token_to_id
+        bpe = BPE(vocab=vocab, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES)
+        hf = HFTokenizer(bpe)
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in regexes]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        self._hf = hf
+
+        inv = {c: b for b, c in _gpt2_byte_map().items()}
+
+        def piece(i: int) -> bytes:
+            t = self.tokens[i]
+            if self.token_types[i] == TOKEN_NORMAL:
+                # byte-level text back to raw bytes; a character outside the map is kept as UTF-8
+                return b"".join(bytes((inv[c],)) if c in inv else c.encode("utf-8") for c in t)
+            return t.encode("utf-8", "surrogateescape")
+
+        self._piece_fn = piece
+
+    def _init_spm(self, md: Mapping[str, object]) -> None:
+        import sentencepiece
+
+        n = len(self.tokens)
+        scores = md.get("tokenizer.ggml.scores")
+        scores = list(scores) if scores is not None else [0.0] * n
+        if len(scores) != n:
+            raise ValueError(f"tokenizer.ggml.scores has {len(scores)} entries, tokens has {n}")
+        raw = [t.encode("utf-8", "surrogateescape") for t in self.tokens]
+        unk = md.get("tokenizer.ggml.unknown_token_id")
+        types = list(self.token_types)
+        if unk is None:
+            unk = next((i for i, t in enumerate(types) if t == TOKEN_UNKNOWN), None)
+        if unk is None or not 0 <= int(unk) < n:
+            raise ValueError("llama vocabulary without an unknown token (tokenizer.ggml.unknown_token_id)")
+        unk = int(unk)
+        # Exactly one UNKNOWN piece for SentencePiece: the declared one.
+        types = [TOKEN_NORMAL if t == TOKEN_UNKNOWN else t for t in types]
+        types[unk] = TOKEN_UNKNOWN
+        sp = sentencepiece.SentencePieceProcessor()
+        try:
+            sp.LoadFromSerializedProto(_spm_model_proto(raw, scores, types, unk))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"cannot build a SentencePiece model from this llama vocabulary: {e}") from e
+        self._sp = sp
+        self._byte_ids = {}
+        for i, t in enumerate(self.token_types):
+            if t == TOKEN_BYTE and len(self.tokens[i]) == 6 and self.tokens[i].startswith("<0x"):
+                self._byte_ids[i] = int(self.tokens[i][3:5], 16)
+
+        def piece(i: int) -> bytes:
+            if i in self._byte_ids:
+                return bytes((self._byte_ids[i],))
+            if self.token_types[i] == TOKEN_NORMAL:
+                return raw[i].replace(_SPIECE_SPACE.encode(), b" ")
+            return raw[i]
+
+        self._piece_fn = piece
+
+    # ---- public API ---------------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of ``text``, as ``llama_tokenize(text, add_special=add_bos, parse_special=special)``.
+
+        ``add_bos`` adds what the model's metadata asks for (``tokenizer.ggml.add_bos_token`` /
+        ``add_eos_token``), so a model that declares no BOS (SmolLM2) gets none. ``special=True`` also
+        turns the texts of control tokens (e.g. ``<start_of_turn>``) into those tokens.
+        """
+        out: list[int] = []
+        if add_bos and self.add_bos and self.bos_id is not None:
+            out.append(self.bos_id)
+        frags = self._partition(text, special)
+        if self.model == "llama":
+            prev_special = True  # llama.cpp: the first fragment counts as following a special token
+            for f in frags:
+                if isinstance(f, int):
+                    out.append(f)
+                    prev_special = True
+                    continue
+                if self.add_space_prefix and prev_special:
+                    f = " " + f
+                out.extend(self._sp.EncodeAsIds(f.replace(" ", _SPIECE_SPACE)))
+                prev_special = False
+        else:
+            raw = [f for f in frags if not isinstance(f, int)]
+            enc = iter(self._hf.encode_batch(raw, add_special_tokens=False)) if raw else iter(())
+            for f in frags:
+                out.extend([f] if isinstance(f, int) else next(enc).ids)
+        if add_bos and self.add_eos and self.eos_id is not None:
+            out.append(self.eos_id)
+        return out
+
+    def decode(self, ids: Sequence[int], special: bool = False) -> str:
+        """Text of ``ids``; control/unknown tokens are left out unless ``special=True``."""
+        hidden = (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_UNUSED)
+        n = len(self.tokens)
+        chunks = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < n:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {n})")
+            if not special and self.token_types[i] in hidden:
+                continue
+            chunks.append(self._piece_fn(i))
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    def token_to_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a control token's own text)."""
+        return self._piece_fn(int(token_id))
+
+    # ---- internals ----------------------------------------------------------------------------------
+
+    def _partition(self, text: str, special: bool) -> list[str | int]:
+        """llama.cpp's tokenizer_st_partition: cut out special-token texts, longest first."""
+        frags: list[str | int] = [text] if text else []
+        for tok, tid in self._special if special else self._user_defined:
+            if tok not in text:  # one C-level scan of the whole text skips most tokens
+                continue
+            nxt: list[str | int] = []
+            for f in frags:
+                if isinstance(f, int) or tok not in f:
+                    nxt.append(f)
+                    continue
+                pieces = f.split(tok)  # non-overlapping, left to right: llama.cpp's find loop
+                for k, p in enumerate(pieces):
+                    if k:
+                        nxt.append(tid)
+                    if p:
+                        nxt.append(p)
+            frags = nxt
+        return frags
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(model={self.model!r}, pre={self.pre!r}, n_vocab={self.n_vocab}, "
+            f"bos_id={self.bos_id}, eos_id={self.eos_id}, add_bos={self.add_bos})"
+        )
