@@ -11,6 +11,7 @@
 #include "common.h"
 #include "engine.h"
 #include "gguf/gguf.h"
+#include "pipeline/ring_stress.h"
 #if defined(TP_WITH_CUDA)
 #include "backend/cuda/device.h"
 #endif
@@ -186,6 +187,21 @@ tp_status tp_engine_trace(const tp_engine* engine, tp_trace_event* events, int64
     events[i].t_start = tr[size_t(i)].t_start;
     events[i].t_end = tr[size_t(i)].t_end;
   }
+  TP_GUARD_END
+}
+
+tp_status tp_engine_kv_digest(const tp_engine* engine, uint64_t* digest) {
+  TP_GUARD_BEGIN
+  if (!engine || !digest) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_kv_digest: NULL argument");
+  *digest = engine->impl->kv_digest();
+  TP_GUARD_END
+}
+
+tp_status tp_ring_stress(int32_t capacity, int64_t n_items, int64_t max_delay_ns, uint64_t seed, int64_t* errors) {
+  TP_GUARD_BEGIN
+  if (!errors || capacity < 1 || n_items < 0 || max_delay_ns < 0)
+    tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_ring_stress: bad arguments");
+  *errors = tp::ring_stress(capacity, n_items, max_delay_ns, seed);
   TP_GUARD_END
 }
 

@@ -81,6 +81,7 @@ Engine::Engine(const EngineParams& p) : params_(p) {
     if (d.rfind("cuda", 0) == 0) refuse_cuda(d);
   if (p.ubatch < 1) fail(TP_ERR_INVALID_ARGUMENT, "ubatch must be >= 1 (got %lld)", (long long)p.ubatch);
   if (p.threads < 0) fail(TP_ERR_INVALID_ARGUMENT, "threads must be >= 0 (got %d)", p.threads);
+  if (p.ring_slots < 0) fail(TP_ERR_INVALID_ARGUMENT, "ring_slots must be >= 0 (got %d)", p.ring_slots);
   if (p.n_ctx < 0) fail(TP_ERR_INVALID_ARGUMENT, "n_ctx must be >= 0 (got %lld)", (long long)p.n_ctx);
 
   file_ = std::make_unique<GgufFile>(p.model_path);
@@ -134,30 +135,14 @@ void Engine::place_stages(const EngineParams& p) {
       if (s == P - 1) st->normed = st->ops->alloc(U * cfg_.n_embd);
       stages_.push_back(std::move(st));
     }
+    pipeline_ = std::make_unique<Pipeline>(stages_, cfg_, w_, U, p.ring_slots);
   } catch (const std::bad_alloc&) {
     fail(TP_ERR_OUT_OF_MEMORY, "out of memory allocating activation buffers for ubatch %lld (n_embd %lld, n_ff %lld)",
          (long long)U, (long long)cfg_.n_embd, (long long)cfg_.n_ff);
   }
 }
 
-void Engine::run_stage(Stage& st, const int32_t* tokens, int64_t pos0, int64_t n_tok, bool want_all, bool want_last) {
-  Ops& ops = *st.ops;
-  if (st.index == 0) embed_tokens(ops, cfg_, w_, tokens, n_tok, st.x);
-  for (int64_t il = st.layer_begin; il < st.layer_end; ++il)
-    decoder_layer(ops, cfg_, w_, il, int(il - st.layer_begin), st.scratch, st.x, pos0, n_tok);
-  if (st.index == int(stages_.size()) - 1 && (want_all || want_last)) {
-    const int64_t rows = want_all ? n_tok : 1;
-    const float* src = st.x + (want_all ? 0 : (n_tok - 1) * cfg_.n_embd);
-    if (st.logits_rows < rows) {
-      st.logits = ops.alloc(rows * cfg_.n_vocab);
-      st.logits_rows = rows;
-    }
-    output_logits(ops, cfg_, w_, src, rows, st.normed, st.logits);
-  }
-}
-
 void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* logits, int64_t logits_len) {
-  cancel_.store(false, std::memory_order_relaxed);
   if (n <= 0) fail(TP_ERR_INVALID_ARGUMENT, "prefill needs at least one token (got %lld)", (long long)n);
   if (!tokens) fail(TP_ERR_INVALID_ARGUMENT, "tokens is NULL");
   for (int64_t i = 0; i < n; ++i)
@@ -176,43 +161,43 @@ void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* l
   const int64_t n_pos = n_past_ + n;
   for (auto& st : stages_) {
     try {
-      st->ops->kv_reserve(st->layer_end - st->layer_begin, cfg_.kv_dim(), n_pos);
+      st->ops->kv_reserve(st->n_layers(), cfg_.kv_dim(), n_pos);
     } catch (const std::bad_alloc&) {
       fail(TP_ERR_OUT_OF_MEMORY, "stage %d (%s): out of memory growing the KV cache to %lld positions (%.1f MiB)",
            st->index, st->device.c_str(), (long long)n_pos,
-           double(2 * (st->layer_end - st->layer_begin) * cfg_.kv_dim() * n_pos * 4) / (1 << 20));
+           double(2 * st->n_layers() * cfg_.kv_dim() * n_pos * 4) / (1 << 20));
     }
   }
 
-  const int64_t U = params_.ubatch;
-  const int64_t M = (n + U - 1) / U;
+  PrefillJob job;
+  job.tokens = tokens;
+  job.n = n;
+  job.pos0 = n_past_;
+  job.all_logits = all_logits;
+  job.logits = logits;
+  job.schedule = params_.schedule;
   trace_.clear();
   const double t0 = now_seconds();
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t b = m * U, nt = std::min(U, n - b);
-    const bool last_ub = m == M - 1;
-    for (auto& st : stages_) {
-      if (cancel_.load(std::memory_order_relaxed)) fail(TP_ERR_CANCELLED, "prefill cancelled");
-      if (st->index > 0) {
-        const Stage& prev = *stages_[size_t(st->index - 1)];
-        st->ops->copy(st->x, prev.x, nt * cfg_.n_embd);
-      }
-      TraceEvent ev;
-      ev.stage = st->index;
-      ev.ubatch = int(m);
-      ev.n_tokens = nt;
-      ev.t_start = now_seconds() - t0;
-      run_stage(*st, tokens + b, n_past_ + b, nt, all_logits, last_ub);
-      ev.t_end = now_seconds() - t0;
-      trace_.push_back(ev);
-      if (logits && st->index == int(stages_.size()) - 1 && (all_logits || last_ub)) {
-        const int64_t rows = all_logits ? nt : 1;
-        st->ops->to_host(logits + (all_logits ? b * cfg_.n_vocab : 0), st->logits, rows * cfg_.n_vocab);
+  trace_ = pipeline_->run(job);
+  last_seconds_ = now_seconds() - t0;
+  n_past_ += n;
+}
+
+uint64_t Engine::kv_digest() const {
+  uint64_t h = 1469598103934665603ull;
+  std::vector<float> k, v;
+  for (const auto& st : stages_) {
+    k.resize(size_t(n_past_ * cfg_.kv_dim()));
+    v.resize(k.size());
+    for (int64_t l = 0; l < st->n_layers(); ++l) {
+      st->ops->kv_to_host(int(l), k.data(), v.data(), n_past_);
+      for (const std::vector<float>* buf : {&k, &v}) {
+        const auto* p = reinterpret_cast<const uint8_t*>(buf->data());
+        for (size_t i = 0; i < buf->size() * sizeof(float); ++i) h = (h ^ p[i]) * 1099511628211ull;
       }
     }
   }
-  last_seconds_ = now_seconds() - t0;
-  n_past_ += n;
+  return h;
 }
 
 }  // namespace tp

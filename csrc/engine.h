@@ -6,7 +6,6 @@
 // persists across calls until reset().
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -16,10 +15,10 @@
 #include "model/config.h"
 #include "model/decoder.h"
 #include "model/weights.h"
+#include "pipeline/scheduler.h"
+#include "pipeline/stage.h"
 
 namespace tp {
-
-enum class Schedule { Pipelined = 0, Sequential = 1 };
 
 struct EngineParams {
   std::string model_path;
@@ -32,25 +31,6 @@ struct EngineParams {
   int ring_slots = 0;                         // 0 = default
 };
 
-struct TraceEvent {
-  int stage = 0;
-  int ubatch = 0;
-  int64_t n_tokens = 0;
-  double t_start = 0, t_end = 0;  // seconds since the prefill started
-};
-
-struct Stage {
-  int index = 0;
-  std::string device;
-  int64_t layer_begin = 0, layer_end = 0;  // [begin, end)
-  std::unique_ptr<Ops> ops;
-  LayerScratch scratch;
-  float* x = nullptr;       // [ubatch, n_embd] residual stream of the ubatch being computed
-  float* normed = nullptr;  // [ubatch, n_embd] output-norm rows (last stage)
-  float* logits = nullptr;  // [ubatch, n_vocab] (last stage; rows = 1 unless all-token logits were asked)
-  int64_t logits_rows = 0;
-};
-
 class Engine {
  public:
   explicit Engine(const EngineParams& p);
@@ -60,7 +40,9 @@ class Engine {
   // is left as it was before the call.
   void prefill(const int32_t* tokens, int64_t n, bool all_logits, float* logits, int64_t logits_len);
   void reset() { n_past_ = 0; }
-  void cancel() { cancel_.store(true, std::memory_order_relaxed); }
+  void cancel() { pipeline_->cancel(); }
+  // FNV-1a hash of every stage's KV cache over the positions in the sequence (for schedule tests).
+  uint64_t kv_digest() const;
 
   const ModelConfig& config() const { return cfg_; }
   const ModelWeights& weights() const { return w_; }
@@ -73,7 +55,6 @@ class Engine {
 
  private:
   void place_stages(const EngineParams& p);
-  void run_stage(Stage& st, const int32_t* tokens, int64_t pos0, int64_t n_tok, bool want_all, bool want_last);
 
   EngineParams params_;
   std::unique_ptr<GgufFile> file_;
@@ -82,7 +63,7 @@ class Engine {
   std::vector<std::unique_ptr<Stage>> stages_;
   int64_t n_ctx_ = 0;
   int64_t n_past_ = 0;
-  std::atomic<bool> cancel_{false};
+  std::unique_ptr<Pipeline> pipeline_;
   std::vector<TraceEvent> trace_;
   double last_seconds_ = 0;
 };

@@ -180,6 +180,7 @@ def test_every_metadata_type_round_trips(tmp_path):
         assert type(md[key]) is type(v), key  # bool stays bool, 3.0 stays a float, ints stay ints
     for key, et, items in ARRAYS:
         assert md[key] == [expected(et, x) for x in items], key
+        assert [type(x) for x in md[key]] == [type(x) for x in items], key  # True == 1, so check types too
     assert list(md) == ["general.architecture"] + [k for k, _, _ in SCALARS] + [k for k, _, _ in ARRAYS]
 
 
@@ -190,6 +191,7 @@ def test_hand_built_scalar_and_array_of_each_type(write, vt):
         "metadata"
     ]
     assert md == {"s": sample, "a": [sample, sample]}
+    assert type(md["s"]) is type(sample) and {type(x) for x in md["a"]} == {type(sample)}
 
 
 def test_empty_arrays(write):  # the gguf writer refuses to write these, so hand-build them

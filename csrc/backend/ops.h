@@ -65,6 +65,17 @@ class Ops {
   virtual void to_host(float* dst, const float* src, int64_t n) = 0;
   // Copy n floats between two buffers of this backend.
   virtual void copy(float* dst, const float* src, int64_t n) = 0;
+
+  // --- stage hand-off (pipeline/ring.h). Defaults fit a backend whose work is done when the call returns.
+  // Copy n floats from this backend's src into dst, a buffer of the next stage's backend.
+  virtual void send(float* dst, Ops& dst_ops, const float* src, int64_t n) { copy(dst, src, n); }
+  // Event handle for a ring slot (null when the backend needs none), recording and waiting on it.
+  virtual void* event_create() { return nullptr; }
+  virtual void event_destroy(void* ev) {}
+  virtual void event_record(void* ev) {}
+  virtual void event_wait(void* ev) {}
+  // Copy of the KV cache of stage-local `layer`, positions [0, n_pos), to host memory ([n_pos, kv_dim] each).
+  virtual void kv_to_host(int layer, float* k, float* v, int64_t n_pos) = 0;
 };
 
 // CPU backend with its own pool of n_threads worker threads.

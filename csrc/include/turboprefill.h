@@ -123,6 +123,15 @@ TP_API tp_status tp_engine_reset(tp_engine* engine);
 /* Ask a running prefill to stop (any thread); it returns TP_ERR_CANCELLED and the sequence is reset. */
 TP_API void tp_engine_cancel(tp_engine* engine);
 
+/* FNV-1a digest of the KV cache contents of every stage over the tokens in the sequence (tests compare
+ * schedules with it). */
+TP_API tp_status tp_engine_kv_digest(const tp_engine* engine, uint64_t* digest);
+
+/* Self-checking stress run of the stage-to-stage ring (see csrc/pipeline/ring_stress.h); *errors = 0
+ * when every item arrived once, in order, intact. */
+TP_API tp_status tp_ring_stress(int32_t capacity, int64_t n_items, int64_t max_delay_ns, uint64_t seed,
+                                int64_t* errors);
+
 /* Timing of the last prefill: wall seconds and per-(stage, ubatch) trace. */
 TP_API tp_status tp_engine_last_seconds(const tp_engine* engine, double* seconds);
 TP_API tp_status tp_engine_trace(const tp_engine* engine, tp_trace_event* events, int64_t cap, int64_t* n_events);

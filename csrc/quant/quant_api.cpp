@@ -56,11 +56,12 @@ TP_API tp_status tp_quantize(int32_t type, const float* src, int64_t n_rows, int
                (long long)n_rows, (long long)n_per_row, t.name, (long long)t.block_elems);
     const int64_t rb = tp::row_bytes(t, n_per_row);
     if (n_rows > INT64_MAX / rb)
-      tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_quantize: %lld rows of %lld bytes overflow int64", (long long)n_rows,
-               (long long)rb);
+      tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_quantize: %lld rows of %lld bytes overflow int64",
+               (long long)n_rows, (long long)rb);
     if (dst_bytes < n_rows * rb)
-      tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_quantize: destination holds %lld bytes, %lld rows of %s need %lld",
-               (long long)dst_bytes, (long long)n_rows, t.name, (long long)(n_rows * rb));
+      tp::fail(TP_ERR_INVALID_ARGUMENT,
+               "tp_quantize: destination holds %lld bytes, %lld rows of %s need %lld", (long long)dst_bytes,
+               (long long)n_rows, t.name, (long long)(n_rows * rb));
     if (n_rows > 0 && (!src || !dst)) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_quantize: null src or dst");
     tp::quantize_rows(tp::GgmlType(type), src, dst, n_rows, n_per_row);
     return TP_OK;
@@ -74,8 +75,9 @@ TP_API tp_status tp_dequantize(int32_t type, const void* src, int64_t n, float* 
     tp::set_last_error("");
     const tp::TypeTraits t = known_traits(type, "tp_dequantize");
     if (n < 0 || n % t.block_elems != 0)
-      tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_dequantize: %lld elements is not a whole number of %s blocks (%lld "
-               "per block)", (long long)n, t.name, (long long)t.block_elems);
+      tp::fail(TP_ERR_INVALID_ARGUMENT,
+               "tp_dequantize: %lld elements is not a whole number of %s blocks (%lld per block)",
+               (long long)n, t.name, (long long)t.block_elems);
     if (n > 0 && (!src || !dst)) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_dequantize: null src or dst");
     if (!tp::dequantize_row(tp::GgmlType(type), src, dst, n))
       tp::fail(TP_ERR_UNSUPPORTED, "tp_dequantize: no decoder for type %s (id %d)", t.name, int(type));

@@ -127,7 +127,10 @@ void quantize_block(const float* x, block_q5_1* y) {
   // ggml casts straight to uint8 without a clamp; (x - min) * id <= 31 * (1 + 3 ulp) < 31.5, so the clamp
   // never changes a value and only guards the packing.
   uint8_t q[QK];
-  for (int j = 0; j < QK; ++j) q[j] = uint8_t(std::min<int>(31, uint8_t(trunc_to_i32((x[j] - mn) * id + 0.5f))));
+  for (int j = 0; j < QK; ++j) {
+    const uint8_t v = uint8_t(trunc_to_i32((x[j] - mn) * id + 0.5f));
+    q[j] = std::min<uint8_t>(31, v);
+  }
   pack_q5(q, y->qs, y->qh);
 }
 
@@ -141,13 +144,13 @@ void quantize_block(const float* x, block_q8_0* y) {
   for (int j = 0; j < QK; ++j) y->qs[j] = trunc_to_i8(std::round(x[j] * id));
 }
 
-// ---- K-quants -----------------------------------------------------------------------------------------------
+// ---- K-quants ------------------------------------------------------------------------------------------
 
 // make_qkx2_quants: fit x ≈ scale * L + min (L in [0, nmax], min <= 0) minimizing Σ w (scale L + min - x)²
-// over a grid of nstep+1 candidate inverse scales. Returns scale; *neg_min = -min (>= 0). Note the quirk
-// kept from ggml: once a better fit is found, later candidates are rounded against that fit's min.
-float make_qkx2_quants(int n, int nmax, const float* x, const float* w, uint8_t* L, float* neg_min, float rmin,
-                       float rdelta, int nstep) {
+// over a grid of nstep+1 candidate inverse scales. Returns scale; *neg_min = -min (>= 0). A quirk kept
+// from ggml: once a better fit is found, later candidates are rounded against that fit's min.
+float make_qkx2_quants(int n, int nmax, const float* x, const float* w, uint8_t* L, float* neg_min,
+                       float rmin, float rdelta, int nstep) {
   float min = x[0], max = x[0];
   float sum_w = w[0];
   float sum_x = sum_w * x[0];
@@ -215,8 +218,8 @@ struct QkxParams {
 };
 
 // Fills the 12 packed scale bytes, d and dmin, and the per-element levels L[256] for one super-block.
-void quantize_k_scales(const float* x, const QkxParams& p, uint8_t* scales12, uint16_t* d_out, uint16_t* dmin_out,
-                       uint8_t* L) {
+void quantize_k_scales(const float* x, const QkxParams& p, uint8_t* scales12, uint16_t* d_out,
+                       uint16_t* dmin_out, uint8_t* L) {
   float scales[8], mins[8], weights[32];
   float max_scale = 0, max_min = 0;  // scales and mins are both >= 0 here
   for (int j = 0; j < 8; ++j) {
@@ -342,15 +345,18 @@ void quantize_block(const float* x, block_q6_K* y) {
     memset(y, 0, sizeof(*y));
     return;
   }
-  // The largest-magnitude sub-block scale maps to -128 so its sign picks d's sign; int8 scales carry the rest.
+  // The largest-magnitude sub-block scale maps to -128, so its sign picks d's sign; the int8 scales carry
+  // the rest.
   const float iscale = -128.f / max_scale;
   y->d = f32_to_f16(1 / iscale);
-  for (int ib = 0; ib < QK_K / 16; ++ib) y->scales[ib] = int8_t(std::min(127, nearest_int(iscale * scales[ib])));
+  for (int ib = 0; ib < QK_K / 16; ++ib)
+    y->scales[ib] = int8_t(std::min(127, nearest_int(iscale * scales[ib])));
   const float d_super = f16_to_f32(y->d);
   for (int j = 0; j < QK_K / 16; ++j) {
     const float d = d_super * float(y->scales[j]);
     if (d == 0.f) continue;  // keep make_qx_quants' levels, as ggml does
-    for (int i = 0; i < 16; ++i) L[16 * j + i] = int8_t(std::max(-32, std::min(31, nearest_int(x[16 * j + i] / d))) + 32);
+    for (int i = 0; i < 16; ++i)
+      L[16 * j + i] = int8_t(std::max(-32, std::min(31, nearest_int(x[16 * j + i] / d))) + 32);
   }
   for (int h = 0; h < 2; ++h) {  // halves of 128: layout of GGUF_SPEC §2.5
     const int8_t* Lh = L + 128 * h;
@@ -399,8 +405,9 @@ void quantize_row(GgmlType type, const float* x, void* y, int64_t n) {
   if (!has_quantizer(type))
     fail(TP_ERR_UNSUPPORTED, "quantize: no quantizer for type %s (id %d)", tt.name, int(type));
   if (n < 0 || n % tt.block_elems != 0)
-    fail(TP_ERR_INVALID_ARGUMENT, "quantize: %lld elements is not a whole number of %s blocks (%lld per block)",
-         (long long)n, tt.name, (long long)tt.block_elems);
+    fail(TP_ERR_INVALID_ARGUMENT,
+         "quantize: %lld elements is not a whole number of %s blocks (%lld per block)", (long long)n, tt.name,
+         (long long)tt.block_elems);
   switch (type) {
     case GgmlType::F32:
       memcpy(y, x, size_t(n) * sizeof(float));

@@ -1,9 +1,9 @@
 // quantize.h — reference quantizers: f32 rows into ggml block formats (GGUF_SPEC §2, §3).
 //
 // Owns the encoders the synthetic-model writer and the tests use. They reproduce ggml's reference
-// (no-imatrix) quantizers bit for bit: quantize_row_{q4_0,q4_1,q5_0,q5_1,q8_0}_ref, q4_K/q5_K (make_qkx2_quants
-// search) and q6_K (make_qx_quants search), plus F16 (round-to-nearest-even) and BF16 (ggml's rounding,
-// NaN forced quiet). The decoders live in blocks.h; this file is the only inverse of them.
+// (no-imatrix) quantizers bit for bit: quantize_row_{q4_0,q4_1,q5_0,q5_1,q8_0}_ref, q4_K/q5_K
+// (make_qkx2_quants search) and q6_K (make_qx_quants search), plus F16 (round-to-nearest-even) and BF16
+// (ggml's rounding, NaN forced quiet). The decoders live in blocks.h; this file is the only inverse of them.
 #pragma once
 
 #include <cstdint>

@@ -305,6 +305,12 @@ class Engine:
         check(lib.tp_engine_trace(self._h, buf, n[0], n))
         return Trace([TraceEvent(e.stage, e.ubatch, e.n_tokens, e.t_start, e.t_end) for e in buf[0 : n[0]]])
 
+    def kv_digest(self) -> int:
+        """Hash of every stage's KV cache over the tokens in the sequence (equal caches, equal digests)."""
+        out = ffi.new("uint64_t *")
+        check(lib.tp_engine_kv_digest(self._handle(), out))
+        return int(out[0])
+
     def reset(self) -> None:
         """Forget the sequence; the next prefill starts at position 0."""
         check(lib.tp_engine_reset(self._handle()))

@@ -62,13 +62,19 @@ def quantize(x: np.ndarray, t: int) -> np.ndarray:
     block_elems, _, name = type_traits(t)
     if n_per_row == 0 or n_per_row % block_elems != 0:
         raise ValueError(
-            f"quantize: row length {n_per_row} is not a positive multiple of the {name} block size {block_elems}"
+            f"quantize: row length {n_per_row} is not a positive multiple of the {name} block size "
+            f"{block_elems}"
         )
     rb = row_bytes(t, n_per_row)
     out = np.empty((rows, rb), dtype=np.uint8)
     check(
         lib.tp_quantize(
-            int(t), ffi.from_buffer("float[]", x), rows, n_per_row, ffi.from_buffer("uint8_t[]", out), out.nbytes
+            int(t),
+            ffi.from_buffer("float[]", x),
+            rows,
+            n_per_row,
+            ffi.from_buffer("uint8_t[]", out),
+            out.nbytes,
         )
     )
     return out
@@ -82,12 +88,17 @@ def dequantize(data: np.ndarray, t: int, n_elements: int) -> np.ndarray:
     block_elems, block_bytes, name = type_traits(t)
     if n_elements < 0 or n_elements % block_elems != 0:
         raise ValueError(
-            f"dequantize: {n_elements} elements is not a whole number of {name} blocks ({block_elems} per block)"
+            f"dequantize: {n_elements} elements is not a whole number of {name} blocks "
+            f"({block_elems} per block)"
         )
     need = n_elements // block_elems * block_bytes
     if data.nbytes != need:
         raise ValueError(f"dequantize: {n_elements} {name} elements take {need} bytes, got {data.nbytes}")
     data = np.ascontiguousarray(data)
     out = np.empty(n_elements, dtype=np.float32)
-    check(lib.tp_dequantize(int(t), ffi.from_buffer("uint8_t[]", data), n_elements, ffi.from_buffer("float[]", out)))
+    check(
+        lib.tp_dequantize(
+            int(t), ffi.from_buffer("uint8_t[]", data), n_elements, ffi.from_buffer("float[]", out)
+        )
+    )
     return out

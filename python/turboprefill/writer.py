@@ -163,23 +163,13 @@ def draw_tensor(cfg: SyntheticConfig, name: str, ne: tuple[int, ...], seed: int)
 
 
 def _encode(w: np.ndarray, type_name: str) -> np.ndarray:
-    """Raw GGUF bytes (or an F32/F16 array) of `w` [rows, ne0] in type `type_name`."""
+    """GGUF data of `w` [rows, ne0]: float32 for F32, else the project's quantizer's bytes [rows, row_bytes]."""
     if type_name == "F32":
         return np.ascontiguousarray(w, dtype=np.float32)
-    if type_name == "F16":
-        return np.ascontiguousarray(w, dtype=np.float16)  # round-to-nearest-even, as ggml
-    rows = np.ascontiguousarray(w.reshape(-1, w.shape[-1]), dtype=np.float32)
-    try:
-        from . import quant
-    except ImportError:  # TODO: remove once python/turboprefill/quant.py has landed (being written)
-        import gguf
+    from . import quant  # F16/BF16 included: every conversion goes through the engine's own code
 
-        if type_name.endswith("_K"):
-            raise NotImplementedError(f"{type_name} needs turboprefill.quant") from None
-        raw = gguf.quants.quantize(rows, gguf.GGMLQuantizationType[type_name])
-    else:
-        raw = quant.quantize(rows, quant.GGMLType[type_name])
-    raw = np.asarray(raw, dtype=np.uint8)
+    rows = np.ascontiguousarray(w.reshape(-1, w.shape[-1]), dtype=np.float32)
+    raw = np.asarray(quant.quantize(rows, quant.GGMLType[type_name]), dtype=np.uint8)
     blck, size = _BLOCK[type_name]
     assert raw.shape == (rows.shape[0], rows.shape[1] // blck * size), (type_name, raw.shape)
     return raw
@@ -292,7 +282,7 @@ def write_model(
         t = tensor_type(name, ne, quant, cfg.n_layer, cfg.tied_embeddings)
         w = draw_tensor(cfg, name, ne, seed)
         data = _encode(w, t)
-        if data.dtype == np.uint8:
+        if t != "F32":
             # raw bytes [rows, row_bytes]: gguf derives ne = [row_bytes/type_size*block, rows] itself
             wr.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[t])
         else:

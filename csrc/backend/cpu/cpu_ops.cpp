@@ -110,6 +110,11 @@ class CpuOps final : public Ops {
     memcpy(v_[size_t(layer)].data() + pos0 * kv_dim_, v, size_t(n_tok * kv_dim_) * sizeof(float));
   }
 
+  void kv_to_host(int layer, float* k, float* v, int64_t n_pos) override {
+    memcpy(k, k_[size_t(layer)].data(), size_t(n_pos * kv_dim_) * sizeof(float));
+    memcpy(v, v_[size_t(layer)].data(), size_t(n_pos * kv_dim_) * sizeof(float));
+  }
+
   void attention(float* out, const float* q, int layer, int64_t pos0, int64_t n_tok, const AttnParams& p) override {
     cpu_attention(pool_, out, q, k_[size_t(layer)].data(), v_[size_t(layer)].data(), pos0, n_tok, p);
   }

@@ -1,0 +1,191 @@
+// scheduler.cpp — stage worker threads and the ring hand-offs (see scheduler.h, DESIGN §5).
+#include "pipeline/scheduler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <mutex>
+#include <thread>
+
+#include "common.h"
+
+namespace tp {
+
+namespace {
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+Pipeline::Pipeline(std::vector<std::unique_ptr<Stage>>& stages, const ModelConfig& c, const ModelWeights& w,
+                   int64_t ubatch, int ring_slots)
+    : stages_(stages), cfg_(c), w_(w), ubatch_(ubatch) {
+  const int R = ring_slots > 0 ? ring_slots : kDefaultRingSlots;
+  rings_.resize(stages.size());
+  for (size_t s = 1; s < stages.size(); ++s) {
+    rings_[s] = std::make_unique<SpscRing>(R, &stop_);
+    for (int i = 0; i < R; ++i) {
+      RingSlot& slot = rings_[s]->slot(i);
+      slot.data = stages[s]->ops->alloc(ubatch * c.n_embd);
+      slot.ev_filled = stages[s]->ops->event_create();
+      slot.ev_free = stages[s]->ops->event_create();
+    }
+  }
+  credit_ = std::make_unique<SpscRing>(1, &stop_);
+}
+
+Pipeline::~Pipeline() {
+  for (size_t s = 1; s < rings_.size(); ++s) {
+    for (int i = 0; i < rings_[s]->capacity(); ++i) {
+      stages_[s]->ops->event_destroy(rings_[s]->slot(i).ev_filled);
+      stages_[s]->ops->event_destroy(rings_[s]->slot(i).ev_free);
+    }
+  }
+}
+
+void Pipeline::cancel() {
+  cancelled_.store(true, std::memory_order_relaxed);
+  stop_.store(true, std::memory_order_relaxed);
+  for (auto& r : rings_)
+    if (r) r->wake_all();
+  credit_->wake_all();
+}
+
+void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<TraceEvent>& trace) {
+  Stage& st = *stages_[size_t(s)];
+  const int P = int(stages_.size());
+  const bool first = s == 0, last = s == P - 1;
+  const bool sequential = job.schedule == Schedule::Sequential && P > 1;
+  const int64_t M = (job.n + ubatch_ - 1) / ubatch_;
+  const int64_t E = cfg_.n_embd;
+  SpscRing* in = first ? nullptr : rings_[size_t(s)].get();
+  SpscRing* out = last ? nullptr : rings_[size_t(s + 1)].get();
+
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t b = m * ubatch_, nt = std::min(ubatch_, job.n - b);
+    const bool last_ub = m == M - 1;
+
+    // Sequential schedule: wait until the previous ubatch has left the last stage.
+    if (first && sequential && m > 0) {
+      if (credit_->acquire_filled() < 0) return;
+      credit_->release();
+    }
+    // Receive the ubatch's activations from the previous stage.
+    if (in) {
+      const int i = in->acquire_filled();
+      if (i < 0) return;
+      RingSlot& slot = in->slot(i);
+      st.ops->event_wait(slot.ev_filled);
+      st.ops->copy(st.x, slot.data, nt * E);
+      st.ops->event_record(slot.ev_free);
+      in->release();
+    }
+
+    TraceEvent ev;
+    ev.stage = s;
+    ev.ubatch = int(m);
+    ev.n_tokens = nt;
+    ev.t_start = now_seconds() - t0;
+    st.compute(cfg_, w_, first, last, job.tokens + b, job.pos0 + b, nt, job.all_logits, last_ub, stop_);
+    if (last && job.logits && (job.all_logits || last_ub)) {
+      const int64_t rows = job.all_logits ? nt : 1;
+      st.ops->to_host(job.logits + (job.all_logits ? b * cfg_.n_vocab : 0), st.logits, rows * cfg_.n_vocab);
+    }
+    ev.t_end = now_seconds() - t0;
+    trace.push_back(ev);
+
+    // Hand the activations on to the next stage's slot.
+    if (out) {
+      const int j = out->acquire_free();
+      if (j < 0) return;
+      RingSlot& slot = out->slot(j);
+      Ops& dst = *stages_[size_t(s + 1)]->ops;
+      dst.event_wait(slot.ev_free);
+      st.ops->send(slot.data, dst, st.x, nt * E);
+      st.ops->event_record(slot.ev_filled);
+      slot.ubatch = m;
+      slot.n_tok = nt;
+      out->publish();
+    }
+    if (last && sequential && !last_ub) {
+      if (credit_->acquire_free() < 0) return;
+      credit_->publish();
+    }
+  }
+}
+
+std::vector<TraceEvent> Pipeline::run(const PrefillJob& job) {
+  stop_.store(false);
+  cancelled_.store(false);
+  for (auto& r : rings_)
+    if (r) r->clear();
+  credit_->clear();
+
+  const int P = int(stages_.size());
+  std::vector<std::vector<TraceEvent>> traces(static_cast<size_t>(P));
+  std::mutex err_mu;
+  bool have_error = false;
+  tp_status err_status = TP_OK;
+  std::string err_msg;
+  const double t0 = now_seconds();
+
+  auto body = [&](int s) {
+    try {
+      stage_loop(s, job, t0, traces[size_t(s)]);
+    } catch (...) {
+      tp_status status = TP_ERR_INTERNAL;
+      std::string msg;
+      try {
+        throw;
+      } catch (const Error& e) {
+        status = e.status();
+        msg = e.what();
+      } catch (const std::bad_alloc&) {
+        status = TP_ERR_OUT_OF_MEMORY;
+        msg = "out of memory";
+      } catch (const std::exception& e) {
+        msg = std::string("internal error: ") + e.what();
+      }
+      const Stage& st = *stages_[size_t(s)];
+      {
+        std::lock_guard<std::mutex> lk(err_mu);
+        // Stages stopped by another stage's failure report TP_ERR_CANCELLED; keep the root cause.
+        if (!have_error || (err_status == TP_ERR_CANCELLED && status != TP_ERR_CANCELLED)) {
+          have_error = true;
+          err_status = status;
+          err_msg = st.current_layer >= 0
+                        ? fmt("stage %d (%s, layers %lld-%lld), layer %lld: %s", s, st.device.c_str(),
+                              (long long)st.layer_begin, (long long)st.layer_end - 1, (long long)st.current_layer,
+                              msg.c_str())
+                        : fmt("stage %d (%s): %s", s, st.device.c_str(), msg.c_str());
+        }
+      }
+      stop_.store(true);
+      for (auto& r : rings_)
+        if (r) r->wake_all();
+      credit_->wake_all();
+    }
+  };
+
+  if (P == 1) {
+    body(0);
+  } else {
+    std::vector<std::thread> threads;
+    threads.reserve(size_t(P));
+    for (int s = 0; s < P; ++s) threads.emplace_back(body, s);
+    for (auto& t : threads) t.join();
+  }
+  if (cancelled_.load()) fail(TP_ERR_CANCELLED, "prefill cancelled");
+  if (have_error) throw Error(err_status, err_msg);
+  if (stop_.load()) fail(TP_ERR_INTERNAL, "pipeline stopped without an error");
+
+  std::vector<TraceEvent> all;
+  for (auto& t : traces) all.insert(all.end(), t.begin(), t.end());
+  std::sort(all.begin(), all.end(), [](const TraceEvent& a, const TraceEvent& b) {
+    return a.ubatch != b.ubatch ? a.ubatch < b.ubatch : a.stage < b.stage;
+  });
+  return all;
+}
+
+}  // namespace tp

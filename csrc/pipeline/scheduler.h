@@ -1,0 +1,68 @@
+// scheduler.h — runs a prompt's ubatches through the stages, pipelined or sequential.
+//
+// One worker thread per stage. Between stage s-1 and s a SpscRing of activation slots lives on stage s's
+// device. Pipelined: stage s starts ubatch m+1 as soon as it has handed ubatch m on and ubatch m+1 has
+// arrived. Sequential: the same code plus a one-slot credit ring from the last stage back to stage 0, so
+// ubatch m+1 enters stage 0 only after ubatch m left the last stage. Both schedules run the same kernels
+// in the same order per ubatch, so their logits and KV caches are bit-identical.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "pipeline/ring.h"
+#include "pipeline/stage.h"
+
+namespace tp {
+
+enum class Schedule { Pipelined = 0, Sequential = 1 };
+
+struct TraceEvent {
+  int stage = 0;
+  int ubatch = 0;
+  int64_t n_tokens = 0;
+  double t_start = 0, t_end = 0;  // seconds since the prefill started
+};
+
+struct PrefillJob {
+  const int32_t* tokens = nullptr;
+  int64_t n = 0;
+  int64_t pos0 = 0;           // position of tokens[0] (tokens already in the sequence)
+  bool all_logits = false;
+  float* logits = nullptr;    // host: [n_vocab] or [n, n_vocab]; may be null
+  Schedule schedule = Schedule::Pipelined;
+};
+
+class Pipeline {
+ public:
+  // Allocates ring slots (on each receiving stage) and their events. Stages must outlive the Pipeline.
+  Pipeline(std::vector<std::unique_ptr<Stage>>& stages, const ModelConfig& c, const ModelWeights& w,
+           int64_t ubatch, int ring_slots);
+  ~Pipeline();
+  Pipeline(const Pipeline&) = delete;
+  Pipeline& operator=(const Pipeline&) = delete;
+
+  // Runs the job; returns the per-(stage, ubatch) trace. Throws the first stage error (naming the stage
+  // and layer) or TP_ERR_CANCELLED after cancel(). Not reentrant.
+  std::vector<TraceEvent> run(const PrefillJob& job);
+  // Thread-safe; makes a running run() stop within one layer's compute.
+  void cancel();
+
+  static constexpr int kDefaultRingSlots = 2;
+
+ private:
+  void stage_loop(int s, const PrefillJob& job, double t0, std::vector<TraceEvent>& trace);
+
+  std::vector<std::unique_ptr<Stage>>& stages_;
+  const ModelConfig& cfg_;
+  const ModelWeights& w_;
+  int64_t ubatch_;
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> cancelled_{false};
+  std::vector<std::unique_ptr<SpscRing>> rings_;  // rings_[s] feeds stage s (s >= 1)
+  std::unique_ptr<SpscRing> credit_;              // last stage -> stage 0, sequential schedule only
+};
+
+}  // namespace tp

@@ -1,0 +1,38 @@
+// stage.h — a pipeline stage: one device, a contiguous range of layers, their KV cache, and scratch.
+//
+// Stage 0 also embeds tokens; the last stage also produces logits. A stage's worker thread (scheduler.cpp)
+// drives its Ops; the stage itself knows nothing of schedules.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "backend/ops.h"
+#include "model/decoder.h"
+
+namespace tp {
+
+struct Stage {
+  int index = 0;
+  std::string device;
+  int64_t layer_begin = 0, layer_end = 0;  // [begin, end)
+  std::unique_ptr<Ops> ops;
+  LayerScratch scratch;
+  float* x = nullptr;       // [ubatch, n_embd] residual stream of the ubatch being computed
+  float* normed = nullptr;  // [ubatch, n_embd] output-norm rows (last stage)
+  float* logits = nullptr;  // [logits_rows, n_vocab] (last stage)
+  int64_t logits_rows = 0;
+  int64_t current_layer = -1;  // layer being computed (for error messages)
+
+  int64_t n_layers() const { return layer_end - layer_begin; }
+
+  // Computes one ubatch in place on x (positions pos0..pos0+n_tok-1); the first stage embeds `tokens`
+  // first, the last stage leaves logits for all rows (all_rows) or the last row (last_row) in `logits`.
+  // Checks `stop` between layers and throws TP_ERR_CANCELLED when it is set.
+  void compute(const ModelConfig& c, const ModelWeights& w, bool first, bool last, const int32_t* tokens,
+               int64_t pos0, int64_t n_tok, bool all_rows, bool last_row, const std::atomic<bool>& stop);
+};
+
+}  // namespace tp
