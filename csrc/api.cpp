@@ -72,7 +72,7 @@ const char* tp_build_info_json(void) {
     std::string a = TP_CUDA_ARCHS_STR;
     size_t start = 0;
     while (start < a.size()) {
-      size_t semi = a.find(';', start);
+      size_t semi = a.find(',', start);
       if (semi == std::string::npos) semi = a.size();
       if (archs.size() > 1) archs += ",";
       archs += "\"" + a.substr(start, semi - start) + "\"";
@@ -85,6 +85,46 @@ const char* tp_build_info_json(void) {
                    cuda.c_str(), archs.c_str(), ver.c_str(), tp::cpu_simd_level());
   }();
   return info.c_str();
+}
+
+namespace {
+char* dup_string(const std::string& s) {
+  char* buf = static_cast<char*>(std::malloc(s.size() + 1));
+  if (!buf) throw std::bad_alloc();
+  std::memcpy(buf, s.c_str(), s.size() + 1);
+  return buf;
+}
+}  // namespace
+
+tp_status tp_cuda_devices_json(char** json_out) {
+  TP_GUARD_BEGIN
+  if (!json_out) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_cuda_devices_json: NULL argument");
+  *json_out = nullptr;
+#if defined(TP_WITH_CUDA)
+  const std::vector<tp::cuda::GpuInfo> gpus = tp::cuda::list_devices();
+  std::string js = "{\"gpus\":[";
+  for (size_t i = 0; i < gpus.size(); ++i) {
+    const auto& g = gpus[i];
+    std::string name;
+    for (char c : g.name)
+      if (c != '"' && c != '\\' && static_cast<unsigned char>(c) >= 0x20) name += c;
+    js += tp::fmt("%s{\"index\":%d,\"name\":\"%s\",\"cc\":\"%d.%d\",\"total_bytes\":%lld,\"free_bytes\":%lld,\"sms\":%d}",
+                  i ? "," : "", g.index, name.c_str(), g.cc_major, g.cc_minor, (long long)g.total_bytes,
+                  (long long)g.free_bytes, g.multiprocessors);
+  }
+  js += "],\"peer\":[";
+  for (size_t a = 0; a < gpus.size(); ++a) {
+    js += a ? ",[" : "[";
+    for (size_t b = 0; b < gpus.size(); ++b)
+      js += std::string(b ? "," : "") + (a == b || tp::cuda::can_access_peer(int(a), int(b)) ? "true" : "false");
+    js += "]";
+  }
+  js += "]}";
+  *json_out = dup_string(js);
+#else
+  tp::fail(TP_ERR_UNSUPPORTED, "this build of turboprefill has no CUDA backend (built with TP_CUDA=OFF or without nvcc)");
+#endif
+  TP_GUARD_END
 }
 
 void tp_engine_params_default(tp_engine_params* p) {
@@ -210,11 +250,7 @@ tp_status tp_gguf_describe_json(const char* path, char** json_out) {
   if (!path || !json_out) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_gguf_describe_json: NULL argument");
   *json_out = nullptr;
   tp::GgufFile f(path);
-  const std::string js = tp::gguf_describe_json(f);
-  char* buf = static_cast<char*>(std::malloc(js.size() + 1));
-  if (!buf) throw std::bad_alloc();
-  std::memcpy(buf, js.c_str(), js.size() + 1);
-  *json_out = buf;
+  *json_out = dup_string(tp::gguf_describe_json(f));
   TP_GUARD_END
 }
 

@@ -7,7 +7,7 @@ KV cache, H = query heads, Hkv = KV heads, D = head_dim. A weight with GGUF ne =
 array W [out, in], so a projection of activations x [T, in] is x @ W.T.
 
 Numeric shortcuts: none, except the one llama.cpp takes on purpose: Gemma's embedding scale is applied in
-float32 (the product is then used in float64). Softmax uses max-subtraction, which is exact in real arithmetic.
+float32 (the product is then used in float64). Softmax subtracts the row max (exact in real arithmetic).
 """
 
 from __future__ import annotations
@@ -56,9 +56,16 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x: np.ndarray, pos: np.ndarray, n_rot: int, base: float, freq_scale: float, mode: str,
-         factors: np.ndarray | None) -> np.ndarray:  # fmt: skip
-    """x [T, heads, D], pos [T] -> x with pairs rotated by θ_i = freq_scale·pos·base^(−2i/n_rot) / factors_i."""
+def rope(
+    x: np.ndarray,
+    pos: np.ndarray,
+    n_rot: int,
+    base: float,
+    freq_scale: float,
+    mode: str,
+    factors: np.ndarray | None,
+) -> np.ndarray:
+    """x [T, heads, D], pos [T] -> x, pairs rotated by θ_i = freq_scale·pos·base^(−2i/n_rot) / factors_i."""
     i = np.arange(n_rot // 2, dtype=np.float64)
     inv_freq = base ** (-2.0 * i / n_rot)  # [n_rot/2]
     if factors is not None:
@@ -89,8 +96,15 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
-              kq_scale: float, n_swa: int) -> np.ndarray:  # fmt: skip
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    q_pos: np.ndarray,
+    k_pos: np.ndarray,
+    kq_scale: float,
+    n_swa: int,
+) -> np.ndarray:
     """Causal GQA attention. q [T, H, D], k/v [S, Hkv, D], positions [T] / [S] -> [T, H·D].
 
     Query head h reads KV head h // (H/Hkv) (contiguous groups, as HF repeat_kv). A key is visible iff
@@ -141,7 +155,7 @@ class RefModel:
     def _layer(self, il: int, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> np.ndarray:
         """One decoder layer. x [T, n_embd] at positions pos [T]; appends this chunk's K/V to the cache."""
         c, b = self.cfg, f"blk.{il}."
-        W = lambda n: self.w[b + n]  # noqa: E731
+        W = lambda n: self.w[b + n]
         T, D = x.shape[0], c.head_dim
 
         # --- attention
@@ -209,8 +223,9 @@ class RefModel:
         empty = np.zeros((0, c.n_head_kv, c.head_dim))
         return KVCache(k=[empty] * c.n_layer, v=[empty] * c.n_layer)
 
-    def forward_chunked(self, tokens, chunk: int, all_logits: bool = False,
-                        hidden: list | None = None) -> np.ndarray:  # fmt: skip
+    def forward_chunked(
+        self, tokens, chunk: int, all_logits: bool = False, hidden: list | None = None
+    ) -> np.ndarray:
         """Process the prompt `chunk` tokens at a time against an explicit KV cache (as the engine does).
 
         Returns logits of the last token [n_vocab] (or of every token [T, n_vocab] with all_logits).
@@ -257,7 +272,7 @@ def load_config(reader: gguf.GGUFReader) -> RefConfig:
     arch = _meta(reader, "general.architecture")
     if arch not in _ROPE_MODE:
         raise ValueError(f"reference: unsupported architecture {arch!r}")
-    a = lambda k, d=None: _meta(reader, f"{arch}.{k}", d)  # noqa: E731
+    a = lambda k, d=None: _meta(reader, f"{arch}.{k}", d)
     n_embd, n_head = int(a("embedding_length")), int(a("attention.head_count"))
     head_dim = int(a("attention.key_length", n_embd // n_head))
     if int(a("attention.value_length", head_dim)) != head_dim:

@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <climits>
 #include <cstring>
 
 #include "quant/types.h"
@@ -27,8 +26,8 @@ namespace {
 
 using ull = unsigned long long;  // for %llu in messages
 
-constexpr uint64_t kMaxTensorName = 64;  // GGML_MAX_NAME, including the NUL ggml appends
-constexpr uint64_t kMinKvBytes = 8 + 4 + 1;           // key length, value type, 1-byte value
+constexpr uint64_t kMaxTensorName = 64;                      // GGML_MAX_NAME, including the NUL ggml appends
+constexpr uint64_t kMinKvBytes = 8 + 4 + 1;                  // key length, value type, 1-byte value
 constexpr uint64_t kMinTensorInfoBytes = 8 + 4 + 8 + 4 + 8;  // name length, n_dims, ne[0], type, offset
 constexpr uint32_t kTypeCount = 13;
 
@@ -56,7 +55,8 @@ uint64_t min_value_bytes(GgufValueType t) {
 // once per key or tensor, so the hot array loops build no strings); `elem` >= 0 adds an array index.
 class Cursor {
  public:
-  Cursor(const std::string& path, const uint8_t* base, uint64_t size) : path_(path), base_(base), size_(size) {}
+  Cursor(const std::string& path, const uint8_t* base, uint64_t size)
+      : path_(path), base_(base), size_(size) {}
 
   uint64_t pos() const { return pos_; }
   uint64_t remaining() const { return size_ - pos_; }
@@ -65,7 +65,8 @@ class Cursor {
     if (n > remaining()) {
       std::string w = where;
       if (elem >= 0) w += fmt(" element %lld", (long long)elem);
-      fail(TP_ERR_FORMAT, "%s: truncated file: %s needs %llu bytes at offset %llu but the file has %llu bytes",
+      fail(TP_ERR_FORMAT,
+           "%s: truncated file: %s needs %llu bytes at offset %llu but the file has %llu bytes",
            path_.c_str(), w.c_str(), ull(n), ull(pos_), ull(size_));
     }
   }
@@ -174,7 +175,8 @@ void read_array(Cursor& c, GgufValue& v, const std::string& path, const std::str
         c.elem = int64_t(k);
         uint8_t b = c.read<uint8_t>();
         if (b > 1)
-          fail(TP_ERR_FORMAT, "%s: key '%s' array element %llu has BOOL value %u at offset %llu, expected 0 or 1",
+          fail(TP_ERR_FORMAT,
+               "%s: key '%s' array element %llu has BOOL value %u at offset %llu, expected 0 or 1",
                path.c_str(), key.c_str(), ull(k), unsigned(b), ull(at));
         v.ai.push_back(b);
       }
@@ -260,8 +262,9 @@ void GgufFile::parse() {
   c.where = "header magic";
   c.need(4);
   if (std::memcmp(map_, "GGUF", 4) != 0)
-    fail(TP_ERR_FORMAT, "%s: not a GGUF file: magic at offset 0 is %02x %02x %02x %02x, expected 47 47 55 46 (\"GGUF\")",
-         P, map_[0], map_[1], map_[2], map_[3]);
+    fail(TP_ERR_FORMAT,
+         "%s: not a GGUF file: magic at offset 0 is %02x %02x %02x %02x, expected 47 47 55 46 (\"GGUF\")", P,
+         map_[0], map_[1], map_[2], map_[3]);
   c.read<uint32_t>();
   c.where = "header version";
   version_ = c.read<uint32_t>();
@@ -282,11 +285,6 @@ void GgufFile::parse() {
          "%s: truncated file: header declares n_kv = %llu key-value pairs (at least %llu bytes each) after "
          "offset %llu but the file has %llu bytes",
          P, ull(n_kv), ull(kMinKvBytes), ull(c.pos()), ull(size_));
-  if (n_tensors > c.remaining() / kMinTensorInfoBytes)
-    fail(TP_ERR_FORMAT,
-         "%s: truncated file: header declares n_tensors = %llu (at least %llu bytes of tensor info each) after "
-         "offset %llu but the file has %llu bytes",
-         P, ull(n_tensors), ull(kMinTensorInfoBytes), ull(c.pos()), ull(size_));
 
   // ---- metadata ----
   kv_.reserve(size_t(n_kv));
@@ -328,8 +326,8 @@ void GgufFile::parse() {
   // ---- tensor infos ----
   if (n_tensors > c.remaining() / kMinTensorInfoBytes)
     fail(TP_ERR_FORMAT,
-         "%s: truncated file: header declares n_tensors = %llu (at least %llu bytes of tensor info each) after "
-         "offset %llu but the file has %llu bytes",
+         "%s: truncated file: header declares n_tensors = %llu (at least %llu bytes of tensor info each) "
+         "after offset %llu but the file has %llu bytes",
          P, ull(n_tensors), ull(kMinTensorInfoBytes), ull(c.pos()), ull(size_));
   tensors_.reserve(size_t(n_tensors));
   for (uint64_t ti = 0; ti < n_tensors; ++ti) {
@@ -338,8 +336,8 @@ void GgufFile::parse() {
     uint64_t name_at = c.pos();
     t.name = c.read_string();
     if (t.name.size() >= kMaxTensorName)
-      fail(TP_ERR_FORMAT, "%s: tensor info %llu ('%s') at offset %llu: name is %llu bytes, the limit is %llu", P,
-           ull(ti), clip(t.name).c_str(), ull(name_at), ull(t.name.size()), ull(kMaxTensorName - 1));
+      fail(TP_ERR_FORMAT, "%s: tensor info %llu ('%s') at offset %llu: name is %llu bytes, the limit is %llu",
+           P, ull(ti), clip(t.name).c_str(), ull(name_at), ull(t.name.size()), ull(kMaxTensorName - 1));
     const char* N = t.name.c_str();
     if (tensor_index_.count(t.name))
       fail(TP_ERR_FORMAT, "%s: duplicate tensor name '%s' (tensor info %llu at offset %llu)", P, N, ull(ti),
@@ -367,25 +365,26 @@ void GgufFile::parse() {
     int64_t n_el = 1;
     for (int d = 0; d < 4; ++d) {
       if (__builtin_mul_overflow(n_el, t.ne[d], &n_el))
-        fail(TP_ERR_FORMAT, "%s: tensor '%s' has shape [%lld, %lld, %lld, %lld]: element count overflows int64",
-             P, N, (long long)t.ne[0], (long long)t.ne[1], (long long)t.ne[2], (long long)t.ne[3]);
+        fail(TP_ERR_FORMAT,
+             "%s: tensor '%s' has shape [%lld, %lld, %lld, %lld]: element count overflows int64", P, N,
+             (long long)t.ne[0], (long long)t.ne[1], (long long)t.ne[2], (long long)t.ne[3]);
     }
     TypeTraits tr = type_traits(type > uint32_t(INT32_MAX) ? -1 : int32_t(type));
     if (tr.block_elems <= 0)
-      fail(TP_ERR_UNSUPPORTED, "%s: unsupported tensor type id %u in tensor '%s' (at offset %llu)", P, type, N,
-           ull(type_at));
+      fail(TP_ERR_UNSUPPORTED, "%s: unsupported tensor type id %u in tensor '%s' (at offset %llu)", P, type,
+           N, ull(type_at));
     t.type = int32_t(type);
     if (t.ne[0] % tr.block_elems != 0)
       fail(TP_ERR_FORMAT,
-           "%s: tensor '%s' has type %s with ne[0] = %lld, which is not a multiple of the block size %lld", P, N,
-           tr.name, (long long)t.ne[0], (long long)tr.block_elems);
+           "%s: tensor '%s' has type %s with ne[0] = %lld, which is not a multiple of the block size %lld", P,
+           N, tr.name, (long long)t.ne[0], (long long)tr.block_elems);
     // nbytes = blocks per row * block bytes * rows; checked in u64 (the range check below bounds it anyway).
     uint64_t nbytes = 0;
     bool ovf = __builtin_mul_overflow(uint64_t(t.ne[0] / tr.block_elems), uint64_t(tr.block_bytes), &nbytes);
     for (int d = 1; d < 4 && !ovf; ++d) ovf = __builtin_mul_overflow(nbytes, uint64_t(t.ne[d]), &nbytes);
     if (ovf)
-      fail(TP_ERR_FORMAT, "%s: tensor '%s' byte size overflows 64 bits (shape [%lld, %lld, %lld, %lld] %s)", P, N,
-           (long long)t.ne[0], (long long)t.ne[1], (long long)t.ne[2], (long long)t.ne[3], tr.name);
+      fail(TP_ERR_FORMAT, "%s: tensor '%s' byte size overflows 64 bits (shape [%lld, %lld, %lld, %lld] %s)",
+           P, N, (long long)t.ne[0], (long long)t.ne[1], (long long)t.ne[2], (long long)t.ne[3], tr.name);
     t.nbytes = nbytes;
     tensor_index_.emplace(t.name, tensors_.size());
     tensors_.push_back(std::move(t));
@@ -396,8 +395,8 @@ void GgufFile::parse() {
   data_offset_ = end_infos + (alignment_ - end_infos % alignment_) % alignment_;
   if (!tensors_.empty() && data_offset_ > size_)
     fail(TP_ERR_FORMAT,
-         "%s: truncated file: data section starts at offset %llu (tensor infos end at %llu, alignment %llu) but "
-         "the file has %llu bytes",
+         "%s: truncated file: data section starts at offset %llu (tensor infos end at %llu, alignment %llu) "
+         "but the file has %llu bytes",
          P, ull(data_offset_), ull(end_infos), ull(alignment_), ull(size_));
   const uint64_t data_bytes = tensors_.empty() ? 0 : size_ - data_offset_;
   for (GgufTensor& t : tensors_) {
@@ -406,8 +405,8 @@ void GgufFile::parse() {
            t.name.c_str(), ull(t.offset), ull(alignment_));
     if (t.offset > data_bytes || t.nbytes > data_bytes - t.offset)
       fail(TP_ERR_FORMAT,
-           "%s: truncated file: tensor '%s' data needs %llu bytes at offset %llu (data section %llu + %llu) but "
-           "the file has %llu bytes",
+           "%s: truncated file: tensor '%s' data needs %llu bytes at offset %llu (data section %llu + %llu) "
+           "but the file has %llu bytes",
            P, t.name.c_str(), ull(t.nbytes), ull(data_offset_ + t.offset), ull(data_offset_), ull(t.offset),
            ull(size_));
     t.data = map_ + data_offset_ + t.offset;
@@ -425,8 +424,9 @@ void GgufFile::parse() {
     const GgufTensor* b = order[k];
     if (a->offset + a->nbytes > b->offset)
       fail(TP_ERR_FORMAT,
-           "%s: tensors '%s' (data offset %llu, %llu bytes) and '%s' (data offset %llu, %llu bytes) overlap", P,
-           a->name.c_str(), ull(a->offset), ull(a->nbytes), b->name.c_str(), ull(b->offset), ull(b->nbytes));
+           "%s: tensors '%s' (data offset %llu, %llu bytes) and '%s' (data offset %llu, %llu bytes) overlap",
+           P, a->name.c_str(), ull(a->offset), ull(a->nbytes), b->name.c_str(), ull(b->offset),
+           ull(b->nbytes));
   }
 }
 

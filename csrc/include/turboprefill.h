@@ -108,6 +108,11 @@ TP_API const char* tp_last_error(void);
 /* JSON object describing how the library was built (SIMD level, CUDA, version). Static storage. */
 TP_API const char* tp_build_info_json(void);
 
+/* The visible CUDA GPUs as JSON: {"gpus": [{"index", "name", "cc", "total_bytes", "free_bytes", "sms"}],
+ * "peer": [[bool]]}. TP_ERR_DEVICE (with the CUDA error) when the runtime cannot start, TP_ERR_UNSUPPORTED
+ * in a build without CUDA. Release the string with tp_free(). */
+TP_API tp_status tp_cuda_devices_json(char** json_out);
+
 TP_API void tp_engine_params_default(tp_engine_params* params);
 TP_API tp_status tp_engine_create(const tp_engine_params* params, tp_engine** out);
 TP_API void tp_engine_free(tp_engine* engine);

@@ -6,7 +6,7 @@
     res.logits, res.stats, res.trace
 """
 
-from .engine import Engine, PrefillResult, Trace, build_info
+from .engine import Engine, PrefillResult, Trace, build_info, cuda_devices
 from .errors import (
     CancelledError,
     ContextOverflowError,
@@ -23,6 +23,7 @@ __all__ = [
     "PrefillResult",
     "Trace",
     "build_info",
+    "cuda_devices",
     "TurboPrefillError",
     "FormatError",
     "UnsupportedError",

@@ -24,6 +24,17 @@ def build_info() -> dict:
     return json.loads(ffi.string(lib.tp_build_info_json()).decode())
 
 
+def cuda_devices() -> dict:
+    """Visible GPUs and the peer-access matrix. Raises DeviceError without a driver, UnsupportedError
+    in a build without CUDA."""
+    out = ffi.new("char **")
+    check(lib.tp_cuda_devices_json(out))
+    try:
+        return json.loads(ffi.string(out[0]).decode("utf-8", "replace"))
+    finally:
+        lib.tp_free(out[0])
+
+
 @dataclass
 class TraceEvent:
     stage: int

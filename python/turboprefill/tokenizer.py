@@ -19,6 +19,12 @@ and unknown tokens too), longest token text first, each occurrence left to right
 its runs of spaces, newlines and tabs and some HTML tags are user-defined tokens that must be cut out of
 the *raw* text (SentencePiece would see spaces only after escaping them).
 
+Token kinds follow llama.cpp's attributes, not only the GGUF's ``token_type``: at load llama.cpp marks
+tokens whose *text* is on its end-of-generation / FIM lists as control (e.g. Gemma 3's user-defined ``</s>``
+then stays plain text unless ``special=True``); the same lists are applied here (``_llama_cpp_attrs``).
+Not reproduced: name-based LSTRIP/RSTRIP flags (phi-3, jina, modern-bert) and the ``clean_spaces``
+post-processing of ``llama_detokenize`` for gpt2 vocabularies other than smollm/qwen2.
+
 Every non-byte piece is entered in the ModelProto as NORMAL, control and user-defined ones included,
 because llama.cpp's SPM merges into any token whose text exists in the vocabulary; only ``<unk>`` (which
 SentencePiece requires) and the ``<0xXX>`` byte pieces keep their own types.
@@ -36,6 +42,29 @@ from collections.abc import Mapping, Sequence
 
 # llama_token_type in the GGUF's tokenizer.ggml.token_type
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# llama_token_attr bits (llama.h); a token's behaviour is decided by these, as in llama.cpp
+ATTR_UNKNOWN, ATTR_UNUSED, ATTR_NORMAL, ATTR_CONTROL, ATTR_USER_DEFINED, ATTR_BYTE = 1, 2, 4, 8, 16, 32
+_TYPE_TO_ATTR = {TOKEN_NORMAL: ATTR_NORMAL, TOKEN_UNKNOWN: ATTR_UNKNOWN, TOKEN_CONTROL: ATTR_CONTROL,
+                 TOKEN_USER_DEFINED: ATTR_USER_DEFINED, TOKEN_UNUSED: ATTR_UNUSED, TOKEN_BYTE: ATTR_BYTE}
+
+# Texts llama.cpp (src/llama-vocab.cpp, load) treats as end-of-generation and forces to control.
+_EOG_TEXTS = {
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+}
+# FIM texts, forced to control when the GGUF does not name that FIM token by id.
+_FIM_TEXTS = {
+    "fim_pre": {"<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<PRE>", "<|code_prefix|>", "<|prefix|>"},
+    "fim_suf": {"<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<SUF>", "<|code_suffix|>", "<|suffix|>"},
+    "fim_mid": {"<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<MID>", "<|code_middle|>", "<|middle|>"},
+    "fim_pad": {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"},
+    "fim_rep": {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"},
+    "fim_sep": {"<|file_sep|>"},
+}
+# gpt-oss: always rendered, cut out as user-defined
+_FORCE_USER_DEFINED = {"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"}
 
 # llama.cpp (src/llama-vocab.cpp, llm_tokenizer_bpe) split regexes per pre-tokenizer family. Applied in
 # order; every regex re-splits every piece produced so far.
@@ -80,6 +109,30 @@ _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"}
 _ADD_BOS_DEFAULT = _IGNORE_MERGES
 
 _SPIECE_SPACE = "\u2581"
+
+
+def _llama_cpp_attrs(tokens: Sequence[str], types: Sequence[int], md: Mapping[str, object]) -> list[int]:
+    """Per-token llama_token_attr after llama.cpp's text-based fix-ups of the GGUF's token types."""
+    attrs = [_TYPE_TO_ATTR.get(t, 0) for t in types]
+    index = {t: i for i, t in enumerate(tokens)}  # last id wins, like llama.cpp's token_to_id
+    for kind, texts in _FIM_TEXTS.items():
+        if f"tokenizer.ggml.{kind}_token_id" in md:
+            continue
+        for t in texts & index.keys():
+            attrs[index[t]] |= ATTR_CONTROL
+    eog = _EOG_TEXTS & index.keys()
+    for t in eog:
+        attrs[index[t]] |= ATTR_CONTROL
+    for t in _FORCE_USER_DEFINED & index.keys():
+        attrs[index[t]] = ATTR_USER_DEFINED
+    # gpt-oss / solar-open: "<|end|>" is not end-of-generation there and goes back to user-defined
+    if "<|end|>" in eog and ({"<|return|>", "<|call|>"} <= eog or
+                             ("<|flush|>" in eog and eog & {"<|call|>", "<|calls|>"})):
+        attrs[index["<|end|>"]] = ATTR_USER_DEFINED
+    # gemma4 / paddleocr: "</s>" is ordinary text when "<|tool_response>" exists
+    if {"</s>", "<|tool_response>"} <= eog:
+        attrs[index["</s>"]] = ATTR_NORMAL
+    return attrs
 
 
 def _gpt2_byte_map() -> dict[int, str]:

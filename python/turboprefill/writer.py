@@ -163,7 +163,7 @@ def draw_tensor(cfg: SyntheticConfig, name: str, ne: tuple[int, ...], seed: int)
 
 
 def _encode(w: np.ndarray, type_name: str) -> np.ndarray:
-    """GGUF data of `w` [rows, ne0]: float32 for F32, else the project's quantizer's bytes [rows, row_bytes]."""
+    """GGUF data of `w` [rows, ne0]: float32 for F32, else our quantizer's bytes [rows, row_bytes]."""
     if type_name == "F32":
         return np.ascontiguousarray(w, dtype=np.float32)
     from . import quant  # F16/BF16 included: every conversion goes through the engine's own code

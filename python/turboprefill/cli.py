@@ -1,0 +1,179 @@
+"""The `turboprefill` command: info, prefill, bench, selftest."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def cmd_info(a) -> int:
+    from .engine import build_info, cuda_devices
+    from .errors import TurboPrefillError
+    from .ggufinfo import describe_gguf
+    from .models import resolve_model
+
+    print("build:", build_info())
+    try:
+        gpus = cuda_devices()
+        print(f"GPUs: {len(gpus['gpus'])}")
+        for g in gpus["gpus"]:
+            print(f"  cuda:{g['index']} {g['name']} (sm {g['cc']}, {g['free_bytes'] / 2**30:.1f} of "
+                  f"{g['total_bytes'] / 2**30:.1f} GiB free, {g['sms']} SMs)")
+        if gpus["gpus"]:
+            print("  peer access:", gpus["peer"])
+    except TurboPrefillError as e:
+        print("GPUs: none usable:", e)
+    if a.model is None:
+        return 0
+    path = resolve_model(a.model)
+    d = describe_gguf(path)
+    md = d["metadata"]
+    arch = md.get("general.architecture", "?")
+    print(f"model: {path}\n  GGUF v{d['version']}, {d['file_size'] / 2**20:.1f} MiB, {len(d['tensors'])} tensors, "
+          f"architecture {arch}")
+    for k, v in md.items():
+        if k.startswith("tokenizer.ggml.") and isinstance(v, list):
+            continue
+        if k.startswith(arch + ".") or k.startswith("general."):
+            print(f"  {k} = {v}")
+    types: dict[str, int] = {}
+    for t in d["tensors"]:
+        types[t["type"]] = types.get(t["type"], 0) + 1
+    print("  tensor types:", ", ".join(f"{k}×{v}" for k, v in sorted(types.items())))
+    return 0
+
+
+def _engine(a, schedule=None):
+    from .engine import Engine
+
+    return Engine(a.model, devices=a.devices, threads=a.threads, ubatch=a.ubatch,
+                  schedule=schedule or a.schedule, n_ctx=a.n_ctx)
+
+
+def cmd_prefill(a) -> int:
+    eng = _engine(a)
+    if a.prompt is not None:
+        toks = eng.tokenize(a.prompt)
+    else:
+        toks = np.random.default_rng(a.seed).integers(0, eng.config["n_vocab"], a.tokens).tolist()
+    res = eng.prefill(toks)
+    s = res.stats
+    top = np.argsort(-res.logits)[:5]
+    print(f"{s['tokens']} tokens in {s['seconds']:.3f} s: {s['tokens_per_second']:.1f} tok/s "
+          f"({s['stages']} stage(s), {s['ubatches']} ubatches, bubble {100 * s['bubble_fraction']:.0f}%)")
+    if a.prompt is not None:
+        print("next token candidates:", [(int(i), eng.detokenize([int(i)])) for i in top])
+        if a.generate:
+            # Greedy continuation from the prefilled prompt: one-token prefills extend the sequence.
+            new = [int(top[0])]
+            for _ in range(a.generate - 1):
+                r = eng.prefill([new[-1]])
+                new.append(int(np.argmax(r.logits)))
+            print("continuation:", repr(eng.detokenize(new)))
+    else:
+        print("top-5 token ids:", [int(i) for i in top])
+    if a.trace:
+        res.trace.to_chrome_trace(a.trace)
+        print("trace written to", a.trace)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import machine_info, sweep, write_results
+    from .models import resolve_model
+
+    model = str(resolve_model(a.model))
+    meta = machine_info()
+    rows = sweep(model, ctxs=_ints(a.ctx), ubatches=_ints(a.ubatch), devices_list=a.devices.split(";"),
+                 schedules=a.schedules.split(","), threads=a.threads, repeat=a.repeat, progress=not a.quiet)
+    res = write_results(rows, a.out, {**meta, "model": model}, make_plots=not a.no_plots)
+    print(res["table"])
+    print(f"results in {res['dir']}")
+    return 0
+
+
+def cmd_selftest(a) -> int:
+    from .engine import build_info, cuda_devices
+    from .errors import TurboPrefillError
+
+    info = build_info()
+    print("build:", info)
+    if not info["cuda"]:
+        print("selftest: this build has no CUDA backend (reinstall with nvcc on PATH); nothing to test on GPUs")
+        return 1
+    try:
+        gpus = cuda_devices()["gpus"]
+    except TurboPrefillError as e:
+        print(f"selftest: no GPU usable: {e}")
+        return 1
+    if not gpus:
+        print("selftest: no GPU found (the CUDA driver reports 0 devices)")
+        return 1
+    print(f"selftest: {len(gpus)} GPU(s) found, but the CUDA backend's kernels are not implemented in this "
+          "version; run `turboprefill bench MODEL --devices cpu:0,cpu:1` for the CPU pipeline")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="turboprefill", description="Pipelined long-prompt prefill for GGUF LLMs")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    pi = sub.add_parser("info", help="build, GPUs and a model's metadata")
+    pi.add_argument("model", nargs="?", help="GGUF path or a PyPI model name (gemma3-270m, smollm2)")
+    pi.set_defaults(fn=cmd_info)
+
+    def engine_args(q, devices="cpu", ubatch=512):
+        q.add_argument("model", help="GGUF path or a PyPI model name (gemma3-270m, smollm2)")
+        q.add_argument("--devices", default=devices, help="cpu | cpu:0,cpu:1 | cuda | cuda:0,cuda:1")
+        q.add_argument("--threads", type=int, default=None, help="threads per stage")
+        q.add_argument("--ubatch", default=str(ubatch), help="tokens per ubatch")
+        q.add_argument("--n-ctx", type=int, default=None)
+
+    pp = sub.add_parser("prefill", help="prefill a prompt and report speed (and the next tokens)")
+    engine_args(pp)
+    g = pp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="text to tokenize and prefill")
+    g.add_argument("--tokens", type=int, help="prefill N random tokens")
+    pp.add_argument("--schedule", default="pipelined", choices=["pipelined", "sequential"])
+    pp.add_argument("--generate", type=int, default=0, help="greedy-decode N tokens after a --prompt")
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--trace", help="write a Chrome/Perfetto trace JSON here")
+    pp.set_defaults(fn=cmd_prefill)
+
+    pb = sub.add_parser("bench", help="sequential vs pipelined sweep: ctx × ubatch × devices")
+    engine_args(pb, devices="cpu:0,cpu:1", ubatch=128)
+    pb.add_argument("--ctx", default="1024", help="comma-separated context lengths")
+    pb.add_argument("--schedules", default="sequential,pipelined")
+    pb.add_argument("--repeat", type=int, default=2, help="runs per point (best is kept)")
+    pb.add_argument("--out", default="bench/out", help="folder for results.jsonl, results.md and plots")
+    pb.add_argument("--no-plots", action="store_true")
+    pb.add_argument("--quiet", action="store_true")
+    pb.set_defaults(fn=cmd_bench, threads=1)
+
+    ps = sub.add_parser("selftest", help="check the GPUs: kernels vs CPU, then a short pipeline benchmark")
+    ps.set_defaults(fn=cmd_selftest)
+
+    a = p.parse_args(argv)
+    if a.cmd == "prefill":
+        a.ubatch = int(a.ubatch)
+    from .errors import TurboPrefillError
+
+    try:
+        return a.fn(a)
+    except (TurboPrefillError, ValueError, OSError, MemoryError) as e:
+        print(f"turboprefill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("turboprefill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
