@@ -237,6 +237,13 @@ tp_status tp_engine_kv_digest(const tp_engine* engine, uint64_t* digest) {
   TP_GUARD_END
 }
 
+tp_status tp_engine_inject_fault(tp_engine* engine, int64_t layer) {
+  TP_GUARD_BEGIN
+  if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_inject_fault: engine is NULL");
+  engine->impl->inject_fault(layer);
+  TP_GUARD_END
+}
+
 tp_status tp_ring_stress(int32_t capacity, int64_t n_items, int64_t max_delay_ns, uint64_t seed, int64_t* errors) {
   TP_GUARD_BEGIN
   if (!errors || capacity < 1 || n_items < 0 || max_delay_ns < 0)

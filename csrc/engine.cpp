@@ -9,6 +9,7 @@
 
 #include "backend/ops.h"
 #if defined(TP_WITH_CUDA)
+#include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/device.h"
 #endif
 
@@ -26,23 +27,80 @@ double now_seconds() {
   return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
 }
 
-// Refuses CUDA device entries with a message that says why and what to do instead.
-[[noreturn]] void refuse_cuda(const std::string& entry) {
+// Checks that a CUDA device entry ("cuda" or "cuda:N") names a usable GPU; otherwise says why and what to do
+// instead. Returns the number of visible GPUs.
+int check_cuda_entry(const std::string& entry) {
 #if defined(TP_WITH_CUDA)
-  const std::vector<cuda::GpuInfo> gpus = cuda::list_devices();  // throws TP_ERR_DEVICE without a driver
+  std::vector<cuda::GpuInfo> gpus;
+  try {
+    gpus = cuda::list_devices();
+  } catch (const Error& e) {  // no driver, driver too old: the runtime cannot start
+    fail(TP_ERR_DEVICE, "device '%s': no CUDA GPU is visible (%s); use devices=\"cpu\"", entry.c_str(), e.what());
+  }
   if (gpus.empty())
     fail(TP_ERR_DEVICE, "device '%s': no CUDA GPU is visible (the driver reports 0 devices); use devices=\"cpu\"",
          entry.c_str());
-  fail(TP_ERR_UNSUPPORTED,
-       "device '%s': %d CUDA GPU(s) found, but the CUDA backend's kernels are not implemented yet in this "
-       "version; use devices=\"cpu\"",
-       entry.c_str(), int(gpus.size()));
+  if (entry != "cuda") {
+    const std::string num = entry.substr(5);
+    if (num.empty() || num.size() > 4 || num.find_first_not_of("0123456789") != std::string::npos)
+      fail(TP_ERR_INVALID_ARGUMENT, "bad device entry '%s': expected cuda or cuda:N with N a number", entry.c_str());
+    if (std::stoi(num) >= int(gpus.size()))
+      fail(TP_ERR_DEVICE, "device '%s': only %d CUDA GPU(s) are visible (cuda:0 .. cuda:%d)", entry.c_str(),
+           int(gpus.size()), int(gpus.size()) - 1);
+  }
+  return int(gpus.size());
 #else
   fail(TP_ERR_DEVICE,
        "device '%s': this build of turboprefill has no CUDA backend (built with TP_CUDA=OFF or without nvcc); "
        "use devices=\"cpu\" or reinstall with nvcc on PATH",
        entry.c_str());
 #endif
+}
+
+bool is_cuda_entry(const std::string& d) { return d.rfind("cuda", 0) == 0; }
+
+// One entry per stage: "cuda" stands for every visible GPU (cuda:0, cuda:1, ...). Stages of one prefill run
+// on one kind of backend: a cpu/cuda mix is refused (activations cannot cross between them yet).
+std::vector<std::string> expand_devices(const std::vector<std::string>& devices) {
+  std::vector<std::string> out;
+  bool any_cpu = false, any_cuda = false;
+  for (const std::string& d : devices) {
+    if (!is_cuda_entry(d)) {
+      any_cpu = true;
+      out.push_back(d);
+      continue;
+    }
+    any_cuda = true;
+    const int n = check_cuda_entry(d);
+    if (d == "cuda")
+      for (int i = 0; i < n; ++i) out.push_back("cuda:" + std::to_string(i));
+    else
+      out.push_back(d);
+  }
+  if (any_cpu && any_cuda)
+    fail(TP_ERR_UNSUPPORTED, "devices mix cpu and cuda stages, which this version does not support; use only cpu "
+         "entries (devices=\"cpu:0,cpu:1\") or only cuda entries (devices=\"cuda\" or \"cuda:0,cuda:1\")");
+  if (int64_t(out.size()) > TP_MAX_STAGES)
+    fail(TP_ERR_INVALID_ARGUMENT, "%d stages after expanding \"cuda\"; at most %d stages are supported",
+         int(out.size()), TP_MAX_STAGES);
+  return out;
+}
+
+// Hands a stage's backend the weights it will read (a no-op for cpu; cuda copies them to its GPU now, so
+// an out-of-memory shows at load time and nothing is copied inside a prefill).
+void upload_stage_weights(Ops& ops, const ModelWeights& w, int64_t begin, int64_t end, bool first, bool last) {
+  for (int64_t il = begin; il < end; ++il) {
+    const LayerWeights& l = w.layers[size_t(il)];
+    for (const Tensor* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm,
+                            &l.post_attn_norm, &l.ffn_norm, &l.gate, &l.up, &l.down, &l.post_ffw_norm})
+      if (t->present()) ops.upload(*t);
+  }
+  if (w.rope_freqs.present()) ops.upload(w.rope_freqs);
+  if (first) ops.upload(w.tok_embd);
+  if (last) {
+    ops.upload(w.output_norm);
+    ops.upload(w.output);
+  }
 }
 
 }  // namespace
@@ -78,7 +136,7 @@ Engine::Engine(const EngineParams& p) : params_(p) {
     fail(TP_ERR_INVALID_ARGUMENT, "%d devices given; at most %d stages are supported", int(p.devices.size()),
          TP_MAX_STAGES);
   for (const std::string& d : p.devices)
-    if (d.rfind("cuda", 0) == 0) refuse_cuda(d);
+    if (is_cuda_entry(d)) check_cuda_entry(d);
   if (p.ubatch < 1) fail(TP_ERR_INVALID_ARGUMENT, "ubatch must be >= 1 (got %lld)", (long long)p.ubatch);
   if (p.threads < 0) fail(TP_ERR_INVALID_ARGUMENT, "threads must be >= 0 (got %d)", p.threads);
   if (p.ring_slots < 0) fail(TP_ERR_INVALID_ARGUMENT, "ring_slots must be >= 0 (got %d)", p.ring_slots);
@@ -94,7 +152,8 @@ Engine::Engine(const EngineParams& p) : params_(p) {
 Engine::~Engine() = default;
 
 void Engine::place_stages(const EngineParams& p) {
-  const int64_t P = int64_t(p.devices.size());
+  const std::vector<std::string> devices = expand_devices(p.devices);
+  const int64_t P = int64_t(devices.size());
   if (P > cfg_.n_layer)
     fail(TP_ERR_INVALID_ARGUMENT, "%lld stages for a model with %lld layers; every stage needs at least one layer",
          (long long)P, (long long)cfg_.n_layer);
@@ -125,11 +184,17 @@ void Engine::place_stages(const EngineParams& p) {
     for (int64_t s = 0; s < P; ++s) {
       auto st = std::make_unique<Stage>();
       st->index = int(s);
-      st->device = p.devices[size_t(s)];
+      st->device = devices[size_t(s)];
       st->layer_begin = layer;
       st->layer_end = layer + split[size_t(s)];
       layer = st->layer_end;
-      st->ops = make_cpu_ops(threads);
+#if defined(TP_WITH_CUDA)
+      if (is_cuda_entry(st->device))
+        st->ops = make_cuda_ops(std::stoi(st->device.substr(5)), U);
+      else
+#endif
+        st->ops = make_cpu_ops(threads);
+      upload_stage_weights(*st->ops, w_, st->layer_begin, st->layer_end, s == 0, s == P - 1);
       st->scratch = LayerScratch::make(*st->ops, cfg_, U);
       st->x = st->ops->alloc(U * cfg_.n_embd);
       if (s == P - 1) st->normed = st->ops->alloc(U * cfg_.n_embd);

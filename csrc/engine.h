@@ -41,6 +41,10 @@ class Engine {
   void prefill(const int32_t* tokens, int64_t n, bool all_logits, float* logits, int64_t logits_len);
   void reset() { n_past_ = 0; }
   void cancel() { pipeline_->cancel(); }
+  // Testing aid: compute fails when it reaches `layer` (-1: never).
+  void inject_fault(int64_t layer) {
+    for (auto& st : stages_) st->fail_at_layer = layer;
+  }
   // FNV-1a hash of every stage's KV cache over the positions in the sequence (for schedule tests).
   uint64_t kv_digest() const;
 

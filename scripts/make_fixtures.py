@@ -40,7 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _load_models_module():
     # Load turboprefill/models.py by path: importing the turboprefill package would need the native library.
-    spec = importlib.util.spec_from_file_location("_tp_models", REPO / "python" / "turboprefill" / "models.py")
+    spec = importlib.util.spec_from_file_location(
+        "_tp_models", REPO / "python" / "turboprefill" / "models.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -49,7 +51,11 @@ def _load_models_module():
 # (name, target length in tokens, generator, seed). Gemma's longest exceeds its 512-token sliding window.
 PROMPTS = {
     "smollm2": [("prose", 300, "prose", 11), ("mixed", 450, "mixed", 12), ("long_prose", 640, "prose", 13)],
-    "gemma3-270m": [("prose", 300, "prose", 21), ("mixed", 480, "mixed", 22), ("long_prose", 820, "prose", 23)],
+    "gemma3-270m": [
+        ("prose", 300, "prose", 21),
+        ("mixed", 480, "mixed", 22),
+        ("long_prose", 820, "prose", 23),
+    ],
 }
 HELDOUT = {
     "smollm2": [("heldout_prose", 400, "prose", 101), ("heldout_mixed", 560, "mixed", 102)],
@@ -57,21 +63,120 @@ HELDOUT = {
 }
 
 TRICKY = [
-    "", " ", "  ", "   ", "\n", "\n\n", "\n\n\n\n\n", "\t", "\t\t", " \t \n ", "\r\n", "\r\n\r\n", "a\r\nb",
-    "Hello", " Hello", "Hello ", "  Hello  ", "Hello world", "Hello  world", "Hello\nworld", "Hello\n\nworld",
-    "hello world!", "HELLO WORLD", "I'm", "I'M", "don't", "DON'T", "they'll", "'s", "it's'", "''",
-    "1", "12", "123", "1234", "12345", "3.14159", "1,000,000", "-42", "1e10", "0xDEADBEEF", "a1b2c3",
-    "١٢٣", "٣.١٤", "Ⅻ", "½", "²", "𝟙𝟚𝟛",
-    "naïve", "café", "e\u0301", "Ångström", "ß", "ﬁ", "Ｈｅｌｌｏ", "İstanbul",
-    "中文", "你好，世界！", "日本語", "カタカナ", "한국어", "𠀀", "🙂", "👍🏽", "👨‍👩‍👧", "🇯🇵", "❤️",
-    "\u00a0", "a\u00a0b", "\u3000", "\u200b", "a\u200bb", "\u2028", "\x1c\x1d\x1e\x1f", "\x00", "a\x00b",
-    "\x7f", "\ufeffBOM", "\ufffd",
-    "<b>", "<b>x</b>", "<table>", "< b >", "<bos>", "<eos>", "<s>", "</s>", "<unk>", "<0x41>", "<pad>",
-    "<|endoftext|>", "<|im_start|>", "<start_of_turn>", "<end_of_turn>",
-    "▁", "▁▁", "a▁b", "Ġ", "Ċ",
-    "    indented code", "\tx = 1\n\ty = 2", "if (a &&b) { return c; }", "https://example.com/path?q=1&r=2",
-    "foo.bar_baz-qux", "C++ and C#", "x**2 + y^2 == z", "...", "!!!???", "—–-", "«»‹›“”‘’",
-    "trailing space ", " leading space", "double  space", "end\n",
+    "",
+    " ",
+    "  ",
+    "   ",
+    "\n",
+    "\n\n",
+    "\n\n\n\n\n",
+    "\t",
+    "\t\t",
+    " \t \n ",
+    "\r\n",
+    "\r\n\r\n",
+    "a\r\nb",
+    "Hello",
+    " Hello",
+    "Hello ",
+    "  Hello  ",
+    "Hello world",
+    "Hello  world",
+    "Hello\nworld",
+    "Hello\n\nworld",
+    "hello world!",
+    "HELLO WORLD",
+    "I'm",
+    "I'M",
+    "don't",
+    "DON'T",
+    "they'll",
+    "'s",
+    "it's'",
+    "''",
+    "1",
+    "12",
+    "123",
+    "1234",
+    "12345",
+    "3.14159",
+    "1,000,000",
+    "-42",
+    "1e10",
+    "0xDEADBEEF",
+    "a1b2c3",
+    "١٢٣",
+    "٣.١٤",
+    "Ⅻ",
+    "½",
+    "²",
+    "𝟙𝟚𝟛",
+    "naïve",
+    "café",
+    "e\u0301",
+    "Ångström",
+    "ß",
+    "ﬁ",
+    "Ｈｅｌｌｏ",
+    "İstanbul",
+    "中文",
+    "你好，世界！",
+    "日本語",
+    "カタカナ",
+    "한국어",
+    "𠀀",
+    "🙂",
+    "👍🏽",
+    "👨‍👩‍👧",
+    "🇯🇵",
+    "❤️",
+    "\u00a0",
+    "a\u00a0b",
+    "\u3000",
+    "\u200b",
+    "a\u200bb",
+    "\u2028",
+    "\x1c\x1d\x1e\x1f",
+    "\x00",
+    "a\x00b",
+    "\x7f",
+    "\ufeffBOM",
+    "\ufffd",
+    "<b>",
+    "<b>x</b>",
+    "<table>",
+    "< b >",
+    "<bos>",
+    "<eos>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<0x41>",
+    "<pad>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "▁",
+    "▁▁",
+    "a▁b",
+    "Ġ",
+    "Ċ",
+    "    indented code",
+    "\tx = 1\n\ty = 2",
+    "if (a &&b) { return c; }",
+    "https://example.com/path?q=1&r=2",
+    "foo.bar_baz-qux",
+    "C++ and C#",
+    "x**2 + y^2 == z",
+    "...",
+    "!!!???",
+    "—–-",
+    "«»‹›“”‘’",
+    "trailing space ",
+    " leading space",
+    "double  space",
+    "end\n",
 ]
 SPECIAL_STRINGS = [
     "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n",
@@ -82,13 +187,72 @@ SPECIAL_STRINGS = [
 
 _WORDS = {
     "det": ["the", "a", "every", "some", "this", "that", "one", "no"],
-    "adj": ["quiet", "bright", "ancient", "curious", "heavy", "narrow", "silver", "patient", "distant",
-            "fragile", "warm", "restless", "simple", "hidden", "golden", "broken", "gentle", "vast"],
-    "noun": ["river", "engineer", "garden", "machine", "library", "mountain", "letter", "village", "signal",
-             "teacher", "window", "forest", "question", "market", "bridge", "storm", "theory", "kitchen",
-             "harbor", "painter", "lantern", "algorithm", "island", "orchestra", "museum", "student"],
-    "verb": ["watches", "builds", "remembers", "carries", "follows", "describes", "repairs", "crosses",
-             "measures", "explains", "finds", "opens", "paints", "ignores", "answers", "gathers"],
+    "adj": [
+        "quiet",
+        "bright",
+        "ancient",
+        "curious",
+        "heavy",
+        "narrow",
+        "silver",
+        "patient",
+        "distant",
+        "fragile",
+        "warm",
+        "restless",
+        "simple",
+        "hidden",
+        "golden",
+        "broken",
+        "gentle",
+        "vast",
+    ],
+    "noun": [
+        "river",
+        "engineer",
+        "garden",
+        "machine",
+        "library",
+        "mountain",
+        "letter",
+        "village",
+        "signal",
+        "teacher",
+        "window",
+        "forest",
+        "question",
+        "market",
+        "bridge",
+        "storm",
+        "theory",
+        "kitchen",
+        "harbor",
+        "painter",
+        "lantern",
+        "algorithm",
+        "island",
+        "orchestra",
+        "museum",
+        "student",
+    ],
+    "verb": [
+        "watches",
+        "builds",
+        "remembers",
+        "carries",
+        "follows",
+        "describes",
+        "repairs",
+        "crosses",
+        "measures",
+        "explains",
+        "finds",
+        "opens",
+        "paints",
+        "ignores",
+        "answers",
+        "gathers",
+    ],
     "adv": ["slowly", "quietly", "often", "carefully", "suddenly", "rarely", "together", "again"],
     "prep": ["near", "under", "beyond", "behind", "across", "inside", "before", "after", "without"],
     "conj": ["and", "but", "while", "because", "although", "so", "until"],
@@ -100,11 +264,25 @@ def prose(rng: random.Random, n_words: int) -> str:
     out, n = [], 0
     while n < n_words:
         w = _WORDS
-        parts = [rng.choice(w["det"]), rng.choice(w["adj"]), rng.choice(w["noun"]), rng.choice(w["verb"]),
-                 rng.choice(w["det"]), rng.choice(w["noun"]), rng.choice(w["prep"]), "the", rng.choice(w["noun"])]
+        parts = [
+            rng.choice(w["det"]),
+            rng.choice(w["adj"]),
+            rng.choice(w["noun"]),
+            rng.choice(w["verb"]),
+            rng.choice(w["det"]),
+            rng.choice(w["noun"]),
+            rng.choice(w["prep"]),
+            "the",
+            rng.choice(w["noun"]),
+        ]
         if rng.random() < 0.5:
-            parts += [rng.choice(w["conj"]), rng.choice(w["det"]), rng.choice(w["noun"]), rng.choice(w["verb"]),
-                      rng.choice(w["adv"])]
+            parts += [
+                rng.choice(w["conj"]),
+                rng.choice(w["det"]),
+                rng.choice(w["noun"]),
+                rng.choice(w["verb"]),
+                rng.choice(w["adv"]),
+            ]
         if rng.random() < 0.2:
             parts.insert(3, f"of {rng.randint(2, 1999)}")
         s = " ".join(parts)
@@ -136,8 +314,10 @@ def mixed(rng: random.Random, n_words: int) -> str:
             )
             n += 45
         else:
-            rows = [f"| {rng.choice(_WORDS['noun'])} | {rng.randint(0, 99999)} | {rng.random():.4f} |"
-                    for _ in range(rng.randint(3, 6))]
+            rows = [
+                f"| {rng.choice(_WORDS['noun'])} | {rng.randint(0, 99999)} | {rng.random():.4f} |"
+                for _ in range(rng.randint(3, 6))
+            ]
             chunks.append("| item | count | ratio |\n|---|---|---|\n" + "\n".join(rows))
             n += 10 * len(rows)
     return "\n\n".join(chunks)
@@ -180,15 +360,24 @@ def tokenizer_fixture(llama_cpp, path: Path, text: str) -> dict:
 
     paragraphs = [p for p in text.split("\n\n") if p]
     cases = []
-    for source, strings, special in (("text", [text], False), ("paragraph", paragraphs, False),
-                                     ("tricky", TRICKY, False), ("special", SPECIAL_STRINGS, True)):
+    for source, strings, special in (
+        ("text", [text], False),
+        ("paragraph", paragraphs, False),
+        ("tricky", TRICKY, False),
+        ("special", SPECIAL_STRINGS, True),
+    ):
         for s in strings:
             with_bos = tok(s, True, special)
-            cases.append({
-                "source": source, "text": s, "special": special,
-                "ids": tok(s, False, special), "ids_bos": with_bos,
-                "detok": detokenize(llama_cpp, vocab, with_bos),
-            })
+            cases.append(
+                {
+                    "source": source,
+                    "text": s,
+                    "special": special,
+                    "ids": tok(s, False, special),
+                    "ids_bos": with_bos,
+                    "detok": detokenize(llama_cpp, vocab, with_bos),
+                }
+            )
     return {
         "llama_cpp_python": llama_cpp.__version__,
         "model_file": path.name,
@@ -197,14 +386,22 @@ def tokenizer_fixture(llama_cpp, path: Path, text: str) -> dict:
         "bos_id": llm.token_bos(),
         "eos_id": llm.token_eos(),
         "note": "ids: llama_tokenize(add_special=False); ids_bos: add_special=True; parse_special=special; "
-                "detok: llama_detokenize(ids_bos, remove_special=False, unparse_special=False)",
+        "detok: llama_detokenize(ids_bos, remove_special=False, unparse_special=False)",
         "cases": cases,
     }
 
 
 def prefill_logits(llama_cpp, path: Path, ids: list[int], n_batch: int) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_batch=n_batch, n_ubatch=n_batch, n_threads=2,
-                          n_threads_batch=2, logits_all=False, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=2048,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        n_threads=2,
+        n_threads_batch=2,
+        logits_all=False,
+        verbose=False,
+    )
     llm.eval(ids)  # llama-cpp-python splits into n_batch chunks; only the last token requests logits
     ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
     out = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float32, copy=True)
@@ -231,18 +428,28 @@ def logits_fixture(llama_cpp, path: Path, model: str, prompts, out_dir: Path) ->
         arrays[f"p{k}_logits_f16"] = logits.astype(np.float16)
         arrays[f"p{k}_top20_idx"] = top.astype(np.int32)
         arrays[f"p{k}_top20_val"] = logits[top].astype(np.float32)
-        meta.append({
-            "key": f"p{k}", "name": name, "kind": kind, "seed": seed, "n_tokens": len(ids),
-            "argmax": int(top[0]), "top1_margin": float(logits[top[0]] - logits[top[1]]),
-            "cosine_nbatch512_vs_64": cosine(logits, logits64),
-            "max_abs_diff_nbatch512_vs_64": float(np.max(np.abs(logits - logits64))),
-            "bitwise_equal_nbatch512_vs_64": bool(np.array_equal(logits, logits64)),
-            "f16_storage_cosine": cosine(logits, logits.astype(np.float16).astype(np.float32)),
-            "llama_cpp_prefill_seconds": round(secs, 3),
-        })
-        print(f"  {model} {name}: {len(ids)} tokens, argmax {top[0]}, "
-              f"cos(512 vs 64) = {meta[-1]['cosine_nbatch512_vs_64']:.9f}, "
-              f"max|diff| = {meta[-1]['max_abs_diff_nbatch512_vs_64']:.3g}", flush=True)
+        meta.append(
+            {
+                "key": f"p{k}",
+                "name": name,
+                "kind": kind,
+                "seed": seed,
+                "n_tokens": len(ids),
+                "argmax": int(top[0]),
+                "top1_margin": float(logits[top[0]] - logits[top[1]]),
+                "cosine_nbatch512_vs_64": cosine(logits, logits64),
+                "max_abs_diff_nbatch512_vs_64": float(np.max(np.abs(logits - logits64))),
+                "bitwise_equal_nbatch512_vs_64": bool(np.array_equal(logits, logits64)),
+                "f16_storage_cosine": cosine(logits, logits.astype(np.float16).astype(np.float32)),
+                "llama_cpp_load_and_prefill_seconds": round(secs, 3),
+            }
+        )
+        print(
+            f"  {model} {name}: {len(ids)} tokens, argmax {top[0]}, "
+            f"cos(512 vs 64) = {meta[-1]['cosine_nbatch512_vs_64']:.9f}, "
+            f"max|diff| = {meta[-1]['max_abs_diff_nbatch512_vs_64']:.3g}",
+            flush=True,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out_dir / f"logits_{model}.npz", **arrays)
     info = {
@@ -251,10 +458,18 @@ def logits_fixture(llama_cpp, path: Path, model: str, prompts, out_dir: Path) ->
         "model_file": path.name,
         "model_sha256": sha256(path),
         "n_vocab": int(arrays["p0_logits_f16"].shape[0]),
-        "settings": {"backend": "cpu", "n_ctx": 2048, "n_batch": 512, "n_ubatch": 512, "n_threads": 2,
-                     "logits_all": False, "flash_attn": False, "kv_cache": "f16 (llama.cpp default)"},
+        "settings": {
+            "backend": "cpu",
+            "n_ctx": 2048,
+            "n_batch": 512,
+            "n_ubatch": 512,
+            "n_threads": 2,
+            "logits_all": False,
+            "flash_attn": False,
+            "kv_cache": "f16 (llama.cpp default)",
+        },
         "npz_keys": "p<k>_tokens int32 [n]; p<k>_logits_f16 float16 [n_vocab] (last token); "
-                    "p<k>_top20_idx int32 [20]; p<k>_top20_val float32 [20], descending",
+        "p<k>_top20_idx int32 [20]; p<k>_top20_val float32 [20], descending",
         "prompts": meta,
     }
     (out_dir / f"logits_{model}.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -77,3 +77,39 @@ def _read_gguf_metadata(path: str | Path) -> dict:
 def gguf_metadata():
     """``gguf_metadata(path) -> dict``: a GGUF's metadata (cached per path for the session)."""
     return _read_gguf_metadata
+
+
+# ---- Synthetic models (owner: engine) -------------------------------------------------------------------
+# Small random models of every architecture written by turboprefill.writer, cached per session.
+
+# name -> (architecture, writer keyword arguments). Sizes are deliberately awkward: n_embd 96 is not a
+# multiple of 256 (Q4_K falls back to Q5_0, Q6_K to Q8_0), 1 or 2 KV heads exercise GQA, gemma3 has a
+# 16-token window over 7 layers (6 local, 1 global), llama has rope_freqs.
+SYNTHETIC = {
+    "llama": ("llama", dict(n_embd=96, n_head=3, n_head_kv=1, n_ff=160, n_layer=4, n_vocab=300, rope_freqs=True)),
+    "llama256": ("llama", dict(n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_layer=4, n_vocab=200)),
+    "qwen2": ("qwen2", dict(n_embd=128, n_head=4, n_head_kv=2, n_ff=320, n_layer=4, n_vocab=150)),
+    "qwen3": ("qwen3", dict(n_embd=128, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_layer=4, n_vocab=150)),
+    "gemma3": ("gemma3", dict(n_embd=256, n_head=4, n_head_kv=1, head_dim=64, n_ff=512, n_layer=7, n_vocab=200,
+                              sliding_window=16)),
+}
+
+
+@pytest.fixture(scope="session")
+def synthetic_model(tmp_path_factory):
+    """``synthetic_model(name, **overrides) -> Path`` of a GGUF written once per session."""
+    from turboprefill.writer import write_model
+
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("synthetic")
+
+    def make(name: str, **overrides) -> Path:
+        key = (name, tuple(sorted(overrides.items())))
+        if key not in cache:
+            arch, kw = SYNTHETIC[name]
+            path = root / f"{name}-{len(cache)}.gguf"
+            write_model(path, arch, **{**kw, **overrides})
+            cache[key] = path
+        return cache[key]
+
+    return make

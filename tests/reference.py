@@ -142,9 +142,6 @@ class RefModel:
         self.cfg = cfg
         self.w = weights  # name -> float64 array, numpy shape = reversed GGUF ne
 
-    def _get(self, name: str) -> np.ndarray | None:
-        return self.w.get(name)
-
     def _rope_params(self, il: int) -> tuple[float, float]:
         """(base, freq_scale) of layer il: gemma3's local layers use their own base and no scaling."""
         c = self.cfg
@@ -172,7 +169,7 @@ class RefModel:
             q = rms_norm(q, W("attn_q_norm.weight"), c.eps)
             k = rms_norm(k, W("attn_k_norm.weight"), c.eps)
         base, freq_scale = self._rope_params(il)
-        factors = self._get("rope_freqs.weight")
+        factors = self.w.get("rope_freqs.weight")  # llama 3.1+: θ_i divided by factor i
         q = rope(q, pos, c.n_rot, base, freq_scale, c.rope_mode, factors)
         k = rope(k, pos, c.n_rot, base, freq_scale, c.rope_mode, factors)
         if c.arch == "gemma3":

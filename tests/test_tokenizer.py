@@ -7,7 +7,6 @@ import hashlib
 import json
 
 import pytest
-
 from turboprefill.tokenizer import Tokenizer
 
 REAL_MODELS = {"smollm2": "smollm2_path", "gemma3-270m": "gemma3_path"}
@@ -41,7 +40,7 @@ def real(request, fixtures_dir, gguf_metadata):
 
 def _first_diff(a: list[int], b: list[int]) -> str:
     k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"first difference at {k}: ours {a[k:k + 6]} vs llama.cpp {b[k:k + 6]} (lengths {len(a)}, {len(b)})"
+    return f"first difference at {k}: ours {a[k : k + 6]} vs llama.cpp {b[k : k + 6]} (lengths {len(a)}, {len(b)})"
 
 
 @pytest.mark.realmodel
@@ -56,8 +55,12 @@ def test_encode_matches_llama_cpp(real, source):
         for add_bos, want in ((False, c["ids"]), (True, c["ids_bos"])):
             got = tok.encode(c["text"], add_bos=add_bos, special=c["special"])
             if got != want:
-                bad.append(f"{c['text'][:60]!r} add_bos={add_bos} special={c['special']}: {_first_diff(got, want)}")
-    assert not bad, f"{name}: {len(bad)} of {2 * len(cases)} encodings differ from llama.cpp:\n" + "\n".join(bad[:8])
+                bad.append(
+                    f"{c['text'][:60]!r} add_bos={add_bos} special={c['special']}: {_first_diff(got, want)}"
+                )
+    assert not bad, f"{name}: {len(bad)} of {2 * len(cases)} encodings differ from llama.cpp:\n" + "\n".join(
+        bad[:8]
+    )
 
 
 @pytest.mark.realmodel
@@ -70,7 +73,7 @@ def test_decode_matches_llama_detokenize(real):
 
 @pytest.mark.realmodel
 def test_special_ids_and_vocab_size(real):
-    name, tok, fx = real
+    _, tok, fx = real
     assert (tok.n_vocab, tok.bos_id, tok.eos_id) == (fx["n_vocab"], fx["bos_id"], fx["eos_id"])
 
 
@@ -107,18 +110,21 @@ def _gpt2_chars() -> list[str]:
 
 def _tiny_gpt2(pre: str) -> Tokenizer:
     # ids 0..255 are the single bytes; then merges' results, a control and a user-defined token
-    tokens = _gpt2_chars() + ["he", "ll", "hell", "\u0120w", "<|end|>", "@@", "12"]
-    types = [1] * 256 + [1, 1, 1, 1, 3, 4, 1]
-    return Tokenizer.from_metadata({
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": pre,
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": ["h e", "l l", "he ll", "\u0120 w", "1 2"],
-        "tokenizer.ggml.bos_token_id": 260,
-        "tokenizer.ggml.eos_token_id": 260,
-        "tokenizer.ggml.add_bos_token": True,
-    })
+    # "</s>" is user-defined in the file, but llama.cpp forces it to control by its text (as in Gemma 3)
+    tokens = _gpt2_chars() + ["he", "ll", "hell", "\u0120w", "<|end|>", "@@", "12", "</s>"]
+    types = [1] * 256 + [1, 1, 1, 1, 3, 4, 1, 4]
+    return Tokenizer.from_metadata(
+        {
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.merges": ["h e", "l l", "he ll", "\u0120 w", "1 2"],
+            "tokenizer.ggml.bos_token_id": 260,
+            "tokenizer.ggml.eos_token_id": 260,
+            "tokenizer.ggml.add_bos_token": True,
+        }
+    )
 
 
 def test_tiny_gpt2_merges_and_pretokens():
@@ -142,6 +148,8 @@ def test_tiny_gpt2_user_defined_and_control_partition():
     as_text = [ord(c) for c in "<|end|>"]
     assert tok.encode("<|end|>", add_bos=False) == as_text  # control: plain text unless special
     assert tok.encode("<|end|>", add_bos=False, special=True) == [260]
+    assert tok.encode("</s>", add_bos=False) == [ord(c) for c in "</s>"]
+    assert tok.encode("</s>", add_bos=False, special=True) == [263]
 
 
 def _tiny_spm(add_space_prefix: bool) -> Tokenizer:
@@ -149,21 +157,30 @@ def _tiny_spm(add_space_prefix: bool) -> Tokenizer:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [2, 3, 3] + [6] * 256
     scores = [0.0, 0.0, 0.0] + [0.0] * 256
-    for piece, score, t in [("\u2581", -5.0, 1), ("a", -1.0, 1), ("b", -1.0, 1), ("ab", -2.0, 1),
-                            ("\u2581ab", -3.0, 1), ("\n", 0.0, 4), ("  ", 0.0, 4)]:
+    for piece, score, t in [
+        ("\u2581", -5.0, 1),
+        ("a", -1.0, 1),
+        ("b", -1.0, 1),
+        ("ab", -2.0, 1),
+        ("\u2581ab", -3.0, 1),
+        ("\n", 0.0, 4),
+        ("  ", 0.0, 4),
+    ]:
         tokens.append(piece)
         scores.append(score)
         types.append(t)
-    return Tokenizer.from_metadata({
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.scores": scores,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2,
-        "tokenizer.ggml.unknown_token_id": 0,
-        "tokenizer.ggml.add_space_prefix": add_space_prefix,
-    })
+    return Tokenizer.from_metadata(
+        {
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.unknown_token_id": 0,
+            "tokenizer.ggml.add_space_prefix": add_space_prefix,
+        }
+    )
 
 
 SP, A, B, AB, SPAB, NL, SPSP = range(259, 266)
@@ -171,7 +188,10 @@ SP, A, B, AB, SPAB, NL, SPSP = range(259, 266)
 
 def test_tiny_spm_merges_bytes_and_user_defined():
     tok = _tiny_spm(add_space_prefix=False)
-    byte = lambda ch: 3 + ord(ch)  # noqa: E731
+
+    def byte(ch: str) -> int:
+        return 3 + ord(ch)
+
     # "ab▁ab" merges to [ab, ▁ab]; "\n" is cut out first; "c" is unknown -> its byte
     assert tok.encode("ab ab\nc") == [1, AB, SPAB, NL, byte("c")]
     # a run of two spaces is a user-defined piece of the raw text, not two escaped "▁"
@@ -198,8 +218,12 @@ def test_unknown_tokenizer_model_is_named(model):
 
 
 def test_unknown_bpe_pre_tokenizer_is_named():
-    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "no-such-pre",
-          "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": ["a a"]}
+    md = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "no-such-pre",
+        "tokenizer.ggml.tokens": ["a"],
+        "tokenizer.ggml.merges": ["a a"],
+    }
     with pytest.raises(ValueError, match="no-such-pre"):
         Tokenizer.from_metadata(md)
 

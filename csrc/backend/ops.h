@@ -66,6 +66,10 @@ class Ops {
   // Copy n floats between two buffers of this backend.
   virtual void copy(float* dst, const float* src, int64_t n) = 0;
 
+  // Make a weight resident in the backend's memory before its first use (cuda: one device copy per Ops,
+  // found again by the tensor's host address). Default: nothing to do — the cpu reads the mapping.
+  virtual void upload(const Tensor& t) {}
+
   // --- stage hand-off (pipeline/ring.h). Defaults fit a backend whose work is done when the call returns.
   // Copy n floats from this backend's src into dst, a buffer of the next stage's backend.
   virtual void send(float* dst, Ops& dst_ops, const float* src, int64_t n) { copy(dst, src, n); }

@@ -132,6 +132,10 @@ TP_API void tp_engine_cancel(tp_engine* engine);
  * schedules with it). */
 TP_API tp_status tp_engine_kv_digest(const tp_engine* engine, uint64_t* digest);
 
+/* Testing aid: the next prefills fail with TP_ERR_INTERNAL when they reach `layer` (-1 turns it off), to
+ * check that a stage's error stops every stage and reaches the caller. */
+TP_API tp_status tp_engine_inject_fault(tp_engine* engine, int64_t layer);
+
 /* Self-checking stress run of the stage-to-stage ring (see csrc/pipeline/ring_stress.h); *errors = 0
  * when every item arrived once, in order, intact. */
 TP_API tp_status tp_ring_stress(int32_t capacity, int64_t n_items, int64_t max_delay_ns, uint64_t seed,

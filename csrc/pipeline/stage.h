@@ -25,6 +25,7 @@ struct Stage {
   float* logits = nullptr;  // [logits_rows, n_vocab] (last stage)
   int64_t logits_rows = 0;
   int64_t current_layer = -1;  // layer being computed (for error messages)
+  int64_t fail_at_layer = -1;  // testing aid (tp_engine_inject_fault)
 
   int64_t n_layers() const { return layer_end - layer_begin; }
 

@@ -91,9 +91,11 @@ def last_error() -> str:
     return ffi.string(lib.tp_last_error()).decode("utf-8", "replace")
 
 
-def check(status: int) -> None:
-    """Raise the exception matching a tp_status (no-op for TP_OK)."""
+def check(status: int, message: str | None = None) -> None:
+    """Raise the exception matching a tp_status (no-op for TP_OK). The message is tp_last_error() of the
+    calling thread unless given (it must be read on the thread that made the failing call)."""
     if status == 0:
         return
     exc = _ERRORS.get(int(status), TurboPrefillError)
-    raise exc(last_error() or f"turboprefill: error status {int(status)}")
+    msg = message if message is not None else last_error()
+    raise exc(msg or f"turboprefill: error status {int(status)}")

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ._native import check, ffi, lib
+from ._native import check, ffi, last_error, lib
 
 SCHEDULES = {"pipelined": 0, "sequential": 1}
 
@@ -279,7 +279,7 @@ class Engine:
         logits = np.empty((n, n_vocab) if all_logits else (n_vocab,), dtype=np.float32)
         h = self._handle()
         with self._lock:
-            status = self._run_cancellable(
+            status, message = self._run_cancellable(
                 lambda: lib.tp_engine_prefill(
                     h,
                     ffi.cast("const int32_t *", ffi.from_buffer(toks)),
@@ -289,16 +289,22 @@ class Engine:
                     logits.size,
                 )
             )
-            check(status)
+            check(status, message)
             seconds = ffi.new("double *")
             check(lib.tp_engine_last_seconds(h, seconds))
             trace = self._trace()
         return PrefillResult(logits=logits, stats=_stats(trace, seconds[0], n), trace=trace)
 
-    def _run_cancellable(self, call) -> int:
-        """Run a blocking native call in a thread; Ctrl-C cancels it and re-raises KeyboardInterrupt."""
-        result: list[int] = []
-        t = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    def _run_cancellable(self, call) -> tuple[int, str]:
+        """Run a blocking native call in a thread; Ctrl-C cancels it and re-raises KeyboardInterrupt.
+        Returns (status, tp_last_error() read on that thread)."""
+        result: list[tuple[int, str]] = []
+
+        def run():
+            status = call()
+            result.append((status, last_error() if status else ""))
+
+        t = threading.Thread(target=run, daemon=True)
         t.start()
         try:
             while t.is_alive():
@@ -321,6 +327,10 @@ class Engine:
         out = ffi.new("uint64_t *")
         check(lib.tp_engine_kv_digest(self._handle(), out))
         return int(out[0])
+
+    def _inject_fault(self, layer: int) -> None:
+        """Testing aid: later prefills fail when they reach `layer` (-1 turns it off)."""
+        check(lib.tp_engine_inject_fault(self._handle(), int(layer)))
 
     def reset(self) -> None:
         """Forget the sequence; the next prefill starts at position 0."""

@@ -102,7 +102,9 @@ def _find_gemma3_270m() -> Path:
         if len(fields) == 2 and fields[1] == _GEMMA_FILE:
             expected = fields[0].lower()
     if expected is None:
-        raise FileNotFoundError(f"{sums[0]} lists no sha256 for {_GEMMA_FILE}; reinstall: {INSTALL_COMMANDS['gemma3-270m']}")
+        raise FileNotFoundError(
+            f"{sums[0]} lists no sha256 for {_GEMMA_FILE}; reinstall: {INSTALL_COMMANDS['gemma3-270m']}"
+        )
 
     chunks.sort(key=lambda p: p.name)  # .part00 < .part01 < ...: the order they were cut in
     size = sum(p.stat().st_size for p in chunks)
@@ -137,13 +139,15 @@ def find_model(name: str) -> Path:
     """Path of the ``.gguf`` of a known model (see KNOWN_MODELS).
 
     Raises FileNotFoundError with the ``pip install ...`` command when its package is not installed,
-    KeyError for a name that is not a known model.
+    ValueError for a name that is not a known model.
     """
     if name == "smollm2":
         return _find_smollm2()
     if name == "gemma3-270m":
         return _find_gemma3_270m()
-    raise KeyError(f"unknown model name {name!r}; known models: {', '.join(KNOWN_MODELS)}, or pass a .gguf path")
+    raise ValueError(
+        f"unknown model name {name!r}; known models: {', '.join(KNOWN_MODELS)}, or pass a .gguf path"
+    )
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:

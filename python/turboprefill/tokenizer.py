@@ -45,14 +45,37 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 
 # llama_token_attr bits (llama.h); a token's behaviour is decided by these, as in llama.cpp
 ATTR_UNKNOWN, ATTR_UNUSED, ATTR_NORMAL, ATTR_CONTROL, ATTR_USER_DEFINED, ATTR_BYTE = 1, 2, 4, 8, 16, 32
-_TYPE_TO_ATTR = {TOKEN_NORMAL: ATTR_NORMAL, TOKEN_UNKNOWN: ATTR_UNKNOWN, TOKEN_CONTROL: ATTR_CONTROL,
-                 TOKEN_USER_DEFINED: ATTR_USER_DEFINED, TOKEN_UNUSED: ATTR_UNUSED, TOKEN_BYTE: ATTR_BYTE}
+_TYPE_TO_ATTR = {
+    TOKEN_NORMAL: ATTR_NORMAL,
+    TOKEN_UNKNOWN: ATTR_UNKNOWN,
+    TOKEN_CONTROL: ATTR_CONTROL,
+    TOKEN_USER_DEFINED: ATTR_USER_DEFINED,
+    TOKEN_UNUSED: ATTR_UNUSED,
+    TOKEN_BYTE: ATTR_BYTE,
+}
 
 # Texts llama.cpp (src/llama-vocab.cpp, load) treats as end-of-generation and forces to control.
 _EOG_TEXTS = {
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
-    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
-    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
 }
 # FIM texts, forced to control when the GGUF does not name that FIM token by id.
 _FIM_TEXTS = {
@@ -126,8 +149,9 @@ def _llama_cpp_attrs(tokens: Sequence[str], types: Sequence[int], md: Mapping[st
     for t in _FORCE_USER_DEFINED & index.keys():
         attrs[index[t]] = ATTR_USER_DEFINED
     # gpt-oss / solar-open: "<|end|>" is not end-of-generation there and goes back to user-defined
-    if "<|end|>" in eog and ({"<|return|>", "<|call|>"} <= eog or
-                             ("<|flush|>" in eog and eog & {"<|call|>", "<|calls|>"})):
+    if "<|end|>" in eog and (
+        {"<|return|>", "<|call|>"} <= eog or ("<|flush|>" in eog and eog & {"<|call|>", "<|calls|>"})
+    ):
         attrs[index["<|end|>"]] = ATTR_USER_DEFINED
     # gemma4 / paddleocr: "</s>" is ordinary text when "<|tool_response>" exists
     if {"</s>", "<|tool_response>"} <= eog:
@@ -164,7 +188,9 @@ def _field_bytes(num: int, payload: bytes) -> bytes:
     return _varint(num << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _spm_model_proto(pieces: Sequence[bytes], scores: Sequence[float], types: Sequence[int], unk_id: int) -> bytes:
+def _spm_model_proto(
+    pieces: Sequence[bytes], scores: Sequence[float], types: Sequence[int], unk_id: int
+) -> bytes:
     """Serialized sentencepiece ModelProto (BPE, byte fallback, no normalization).
 
     Field numbers from sentencepiece_model.proto: ModelProto{1: pieces, 2: trainer_spec,
@@ -183,11 +209,15 @@ def _spm_model_proto(pieces: Sequence[bytes], scores: Sequence[float], types: Se
     trainer = (
         b"\x18\x02"  # model_type = BPE
         + b"\x98\x02\x01"  # byte_fallback = true (field 35, varint)
-        + _varint(40 << 3) + _varint(unk_id)
+        + _varint(40 << 3)
+        + _varint(unk_id)
         # bos/eos/pad = -1: SentencePiece must not treat any piece as one of them; we add BOS ourselves.
-        + _varint(41 << 3) + _varint((1 << 64) - 1)
-        + _varint(42 << 3) + _varint((1 << 64) - 1)
-        + _varint(43 << 3) + _varint((1 << 64) - 1)
+        + _varint(41 << 3)
+        + _varint((1 << 64) - 1)
+        + _varint(42 << 3)
+        + _varint((1 << 64) - 1)
+        + _varint(43 << 3)
+        + _varint((1 << 64) - 1)
     )
     normalizer = _field_bytes(1, b"identity") + b"\x18\x00" + b"\x20\x00" + b"\x28\x00"
     parts.append(_field_bytes(2, trainer))
@@ -212,12 +242,14 @@ class Tokenizer:
                 "BPE) and 'llama' (SentencePiece-style) vocabularies; tokenize with another tool and pass ids"
             )
         self.pre = str(md.get("tokenizer.ggml.pre", "default") or "default")
-        self.tokens: list[str] = list(tokens)
+        # llama.cpp renames an empty token text so that text -> id stays a bijection
+        self.tokens: list[str] = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
         n = len(self.tokens)
         types = md.get("tokenizer.ggml.token_type")
         self.token_types: list[int] = list(types) if types is not None else [TOKEN_NORMAL] * n
         if len(self.token_types) != n:
             raise ValueError(f"tokenizer.ggml.token_type has {len(self.token_types)} entries, tokens has {n}")
+        self.token_attrs: list[int] = _llama_cpp_attrs(self.tokens, self.token_types, md)
 
         # Defaults are llama.cpp's when the GGUF leaves a key out.
         spm = self.model == "llama"
@@ -233,12 +265,14 @@ class Tokenizer:
 
         # Texts cut out before BPE, longest first (llama.cpp sorts cache_special_tokens by byte length;
         # ties keep id order here, which only matters for equal-length texts that overlap).
-        order = sorted(range(n), key=lambda i: -len(self.tokens[i].encode("utf-8", "surrogateescape")))
-        self._user_defined = [(self.tokens[i], i) for i in order if self.token_types[i] == TOKEN_USER_DEFINED]
-        self._special = [
-            (self.tokens[i], i)
-            for i in order
-            if self.token_types[i] in (TOKEN_USER_DEFINED, TOKEN_CONTROL, TOKEN_UNKNOWN)
+        cut = [
+            i for i, a in enumerate(self.token_attrs) if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)
+        ]
+        cut.sort(key=lambda i: -len(self.tokens[i].encode("utf-8", "surrogateescape")))
+        self._special = [(self.tokens[i], i) for i in cut]
+        # without special=True, control and unknown tokens are plain text (llama.cpp's parse_special=false)
+        self._user_defined = [
+            (self.tokens[i], i) for i in cut if not self.token_attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN)
         ]
 
         if spm:
@@ -295,11 +329,13 @@ class Tokenizer:
         inv = {c: b for b, c in _gpt2_byte_map().items()}
 
         def piece(i: int) -> bytes:
-            t = self.tokens[i]
-            if self.token_types[i] == TOKEN_NORMAL:
+            a = self.token_attrs[i]
+            if a & (ATTR_USER_DEFINED | ATTR_CONTROL | ATTR_UNKNOWN):
+                return self.tokens[i].encode("utf-8", "surrogateescape")
+            if a & ATTR_NORMAL:
                 # byte-level text back to raw bytes; a character outside the map is kept as UTF-8
-                return b"".join(bytes((inv[c],)) if c in inv else c.encode("utf-8") for c in t)
-            return t.encode("utf-8", "surrogateescape")
+                return b"".join(bytes((inv[c],)) if c in inv else c.encode("utf-8") for c in self.tokens[i])
+            return b""  # unused / undefined / byte tokens render as nothing in a gpt2 vocabulary
 
         self._piece_fn = piece
 
@@ -334,11 +370,14 @@ class Tokenizer:
                 self._byte_ids[i] = int(self.tokens[i][3:5], 16)
 
         def piece(i: int) -> bytes:
+            a = self.token_attrs[i]
+            if a & (ATTR_USER_DEFINED | ATTR_CONTROL | ATTR_UNKNOWN):
+                return raw[i]
+            if a & ATTR_NORMAL:
+                return raw[i].replace(_SPIECE_SPACE.encode(), b" ")
             if i in self._byte_ids:
                 return bytes((self._byte_ids[i],))
-            if self.token_types[i] == TOKEN_NORMAL:
-                return raw[i].replace(_SPIECE_SPACE.encode(), b" ")
-            return raw[i]
+            return b""
 
         self._piece_fn = piece
 
@@ -380,21 +419,26 @@ class Tokenizer:
         return out
 
     def decode(self, ids: Sequence[int], special: bool = False) -> str:
-        """Text of ``ids``; control/unknown tokens are left out unless ``special=True``."""
-        hidden = (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_UNUSED)
+        """Text of ``ids`` as ``llama_detokenize(remove_special=False, unparse_special=special)``: control
+        and unknown tokens are left out unless ``special=True``; with ``add_space_prefix`` the first
+        token's leading space is dropped."""
         n = len(self.tokens)
         chunks = []
-        for i in ids:
+        for k, i in enumerate(ids):
             i = int(i)
             if not 0 <= i < n:
                 raise ValueError(f"token id {i} is outside the vocabulary [0, {n})")
-            if not special and self.token_types[i] in hidden:
-                continue
-            chunks.append(self._piece_fn(i))
+            if not special and self.token_attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN):
+                p = b""
+            else:
+                p = self._piece_fn(i)
+            if k == 0 and self.add_space_prefix and p.startswith(b" "):
+                p = p[1:]  # llama.cpp strips it from the first token only, even when that is BOS
+            chunks.append(p)
         return b"".join(chunks).decode("utf-8", "replace")
 
     def token_to_bytes(self, token_id: int) -> bytes:
-        """The bytes one token stands for (a control token's own text)."""
+        """The bytes one token stands for (a control token's own text; b"" for unused ones)."""
         return self._piece_fn(int(token_id))
 
     # ---- internals ----------------------------------------------------------------------------------

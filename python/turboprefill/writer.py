@@ -201,6 +201,7 @@ def write_model(
     rope_freq_base: float | None = None,
     rope_scaling_factor: float | None = None,
     rms_eps: float | None = None,
+    alignment: int | None = None,
     return_weights: bool = False,
 ) -> dict:
     """Write a random model to `path` and return what was written.
@@ -209,6 +210,8 @@ def write_model(
     "q4_k", ...) used for every 2-D weight, with llama.cpp's shape fallback where ne0 does not fit its blocks.
     tied_embeddings: default True for gemma3, False otherwise (then output.weight is written).
     sliding_window: gemma3 only (default 512; 0 = all layers global). rope_freqs: llama only.
+    alignment: None leaves general.alignment out (readers then use 32, as in real files); a power of two
+    writes the key and aligns the data section and every tensor to it.
     Returns {"path", "config": {...}, "tensors": {name: {"type", "ne"}}, "file_type"} and, with
     return_weights, "weights": {name: float32 array [out, in]} as drawn before quantization.
     """
@@ -252,7 +255,8 @@ def write_model(
 
     wr = gguf.GGUFWriter(os.fspath(path), arch)
     wr.add_string("general.name", f"turboprefill-synthetic-{arch}")
-    wr.add_uint32("general.alignment", 32)
+    if alignment is not None:
+        wr.add_custom_alignment(alignment)  # also sets the writer's data alignment
     wr.add_context_length(cfg.n_ctx)
     wr.add_embedding_length(cfg.n_embd)
     wr.add_block_count(cfg.n_layer)
@@ -295,7 +299,13 @@ def write_model(
     wr.write_tensors_to_file()
     wr.close()
 
-    out = {"path": os.fspath(path), "config": asdict(cfg), "tensors": tensors, "file_type": file_type}
+    out = {
+        "path": os.fspath(path),
+        "config": asdict(cfg),
+        "tensors": tensors,
+        "file_type": file_type,
+        "alignment": alignment or 32,
+    }
     if return_weights:
         out["weights"] = weights
     return out

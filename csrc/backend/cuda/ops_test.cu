@@ -1,0 +1,233 @@
+// ops_test.cu — tp_cuda_op_test_*: host buffers in, one CUDA Ops call, host buffers out.
+//
+// Test entry points (tests/test_cuda_ops.py declares them with its own cffi FFI; they are not in the public
+// header and exist only in CUDA builds). Each creates a fresh CUDA Ops on `device` — so the Ops glue
+// (uploads, weight lookup, KV cache, events, send) is what runs, not a bare kernel — copies the inputs in,
+// NaN-fills the outputs so an element a kernel forgets fails the comparison, runs the op, and copies the
+// result back with Ops::to_host. Layouts are those of backend/ops.h. Errors become a tp_status with
+// tp_last_error() set, as in api.cpp.
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <string>
+
+#include "backend/cuda/cuda_ops.h"
+#include "common.h"
+#include "include/turboprefill.h"
+
+namespace tp {
+// Defined in csrc/api.cpp: the thread-local last-error message and the exception -> status mapping.
+void set_last_error(const std::string& msg);
+tp_status status_from_current_exception();
+}  // namespace tp
+
+namespace {
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    tp::fail(TP_ERR_DEVICE, "tp_cuda_op_test: %s failed: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
+  }
+}
+
+void require(bool ok, const char* what) {
+  if (!ok) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_cuda_op_test: bad arguments: %s", what);
+}
+
+// A CUDA Ops plus the host <-> device copies the tests need (the Ops interface has no host-to-device copy:
+// the engine never needs one).
+struct Gpu {
+  int device;
+  std::unique_ptr<tp::Ops> ops;
+
+  explicit Gpu(int dev, int64_t max_tokens = 1) : device(dev), ops(tp::make_cuda_ops(dev, max_tokens)) {}
+
+  // A device copy of n floats of host memory (complete when this returns).
+  float* put(const float* host, int64_t n) {
+    float* d = ops->alloc(n);
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    check_cuda(cudaMemcpy(d, host, size_t(n) * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    return d;
+  }
+  // n floats of NaN.
+  float* nan_buffer(int64_t n) {
+    float* d = ops->alloc(n);
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    check_cuda(cudaMemset(d, 0xff, size_t(n) * sizeof(float)), "cudaMemset");
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    return d;
+  }
+};
+
+tp::Tensor f32_vector(const char* name, const float* host, int64_t n) {
+  tp::Tensor t;
+  t.name = name;
+  t.type = tp::GgmlType::F32;
+  t.cols = n;
+  t.rows = 1;
+  t.row_bytes = n * int64_t(sizeof(float));
+  t.data = host;
+  return t;
+}
+
+}  // namespace
+
+#define TP_TEST_BEGIN \
+  try {               \
+    tp::set_last_error("");
+#define TP_TEST_END                             \
+  return TP_OK;                                 \
+  }                                             \
+  catch (...) {                                 \
+    return tp::status_from_current_exception(); \
+  }
+
+extern "C" {
+
+// out = rms_norm(in) * w                                  in/out: [rows, dim], w: [dim]
+TP_API tp_status tp_cuda_op_test_rms_norm(int32_t device, float* out, const float* in, const float* w, int64_t rows,
+                                          int64_t dim, float eps) {
+  TP_TEST_BEGIN
+  require(out && in && w && rows > 0 && dim > 0, "rms_norm");
+  Gpu g(device);
+  const tp::Tensor wt = f32_vector("test.norm", w, dim);
+  g.ops->upload(wt);
+  const float* x = g.put(in, rows * dim);
+  float* y = g.nan_buffer(rows * dim);
+  g.ops->rms_norm(y, x, wt, rows, dim, eps);
+  g.ops->to_host(out, y, rows * dim);
+  TP_TEST_END
+}
+
+// x = rope(x) in place                                    x: [n_tok, n_heads, head_dim]; freq_factors may be NULL
+TP_API tp_status tp_cuda_op_test_rope(int32_t device, float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim,
+                                      int64_t pos0, int32_t neox, int64_t n_rot, float base, float freq_scale,
+                                      const float* freq_factors) {
+  TP_TEST_BEGIN
+  require(x && n_tok > 0 && n_heads > 0 && head_dim > 0 && n_rot >= 0 && n_rot <= head_dim && n_rot % 2 == 0, "rope");
+  Gpu g(device);
+  const int64_t n = n_tok * n_heads * head_dim;
+  float* d = g.put(x, n);
+  tp::RopeParams p;
+  p.mode = neox ? tp::RopeMode::Neox : tp::RopeMode::Norm;
+  p.n_rot = n_rot;
+  p.base = base;
+  p.freq_scale = freq_scale;
+  p.freq_factors = freq_factors;  // host memory: the Ops copies it to the GPU on first use
+  g.ops->rope(d, n_tok, n_heads, head_dim, pos0, p);
+  g.ops->to_host(x, d, n);
+  TP_TEST_END
+}
+
+// Attention of a ubatch against a KV history, as a stage runs it: the history (positions 0..pos0-1) and the
+// ubatch (pos0..pos0+n_tok-1) are stored with two kv_store calls, then attention runs with `kernel`
+// (0 auto, 1 tensor cores, 2 f32). k, v: [pos0 + n_tok, n_head_kv * head_dim]; q: [n_tok, n_head, head_dim];
+// out: [n_tok, n_head * head_dim]. k_cache/v_cache (may be NULL) receive the cache as kv_to_host returns it.
+TP_API tp_status tp_cuda_op_test_attention(int32_t device, int32_t kernel, float* out, const float* q, const float* k,
+                                           const float* v, int64_t pos0, int64_t n_tok, int64_t n_head,
+                                           int64_t n_head_kv, int64_t head_dim, float kq_scale, int64_t n_swa,
+                                           float* k_cache, float* v_cache) {
+  TP_TEST_BEGIN
+  require(out && q && k && v && pos0 >= 0 && n_tok > 0 && n_head > 0 && n_head_kv > 0 && n_head % n_head_kv == 0 &&
+              head_dim > 0 && n_swa >= 0 && kernel >= 0 && kernel <= 2,
+          "attention");
+  Gpu g(device);
+  tp::cuda_ops_set_attention_kernel(*g.ops, kernel);
+  const int64_t kv_dim = n_head_kv * head_dim, n_pos = pos0 + n_tok;
+  g.ops->kv_reserve(1, kv_dim, n_pos);
+  const float* kd = g.put(k, n_pos * kv_dim);
+  const float* vd = g.put(v, n_pos * kv_dim);
+  if (pos0 > 0) g.ops->kv_store(0, kd, vd, 0, pos0);
+  g.ops->kv_store(0, kd + pos0 * kv_dim, vd + pos0 * kv_dim, pos0, n_tok);
+  const float* qd = g.put(q, n_tok * n_head * head_dim);
+  float* od = g.nan_buffer(n_tok * n_head * head_dim);
+  tp::AttnParams p;
+  p.n_head = n_head;
+  p.n_head_kv = n_head_kv;
+  p.head_dim = head_dim;
+  p.kq_scale = kq_scale;
+  p.n_swa = n_swa;
+  g.ops->attention(od, qd, 0, pos0, n_tok, p);
+  g.ops->to_host(out, od, n_tok * n_head * head_dim);
+  if (k_cache && v_cache) g.ops->kv_to_host(0, k_cache, v_cache, n_pos);
+  TP_TEST_END
+}
+
+// out = act(gate) * up (gelu != 0: gelu-tanh, else silu)  all: [n]
+TP_API tp_status tp_cuda_op_test_glu(int32_t device, float* out, const float* gate, const float* up, int64_t n,
+                                     int32_t gelu) {
+  TP_TEST_BEGIN
+  require(out && gate && up && n > 0, "glu");
+  Gpu g(device);
+  const float* gd = g.put(gate, n);
+  const float* ud = g.put(up, n);
+  float* od = g.nan_buffer(n);
+  g.ops->glu(od, gd, ud, n, gelu ? tp::Activation::GeluTanh : tp::Activation::Silu);
+  g.ops->to_host(out, od, n);
+  TP_TEST_END
+}
+
+// out = a + b, then out[r] += bias for the rows of out seen as [n / bias_n, bias_n]   all: [n]; bias: [bias_n]
+TP_API tp_status tp_cuda_op_test_add(int32_t device, float* out, const float* a, const float* b, int64_t n,
+                                     const float* bias, int64_t bias_n) {
+  TP_TEST_BEGIN
+  require(out && a && b && n > 0 && (!bias || (bias_n > 0 && n % bias_n == 0)), "add");
+  Gpu g(device);
+  const float* ad = g.put(a, n);
+  const float* bd = g.put(b, n);
+  float* od = g.nan_buffer(n);
+  g.ops->add(od, ad, bd, n);
+  if (bias) g.ops->add_bias(od, f32_vector("test.bias", bias, bias_n), n / bias_n);
+  g.ops->to_host(out, od, n);
+  TP_TEST_END
+}
+
+// out[i] = dequant(table[tokens[i]]) * scale               table: n_rows GGUF rows of `cols` elements of `type`
+TP_API tp_status tp_cuda_op_test_embed(int32_t device, float* out, int32_t type, const void* table, int64_t n_rows,
+                                       int64_t cols, const int32_t* tokens, int64_t n, float scale) {
+  TP_TEST_BEGIN
+  const tp::TypeTraits tt = tp::type_traits(type);
+  require(out && table && tokens && n > 0 && n_rows > 0 && tt.block_elems > 0 && cols > 0 &&
+              cols % tt.block_elems == 0,
+          "embed");
+  for (int64_t i = 0; i < n; ++i) require(tokens[i] >= 0 && tokens[i] < n_rows, "embed token id out of range");
+  Gpu g(device);
+  tp::Tensor t;
+  t.name = "test.token_embd";
+  t.type = tp::GgmlType(type);
+  t.cols = cols;
+  t.rows = n_rows;
+  t.row_bytes = tp::row_bytes(tt, cols);
+  t.data = table;
+  g.ops->upload(t);
+  float* od = g.nan_buffer(n * cols);
+  g.ops->embed(od, t, tokens, n, scale);
+  g.ops->to_host(out, od, n * cols);
+  TP_TEST_END
+}
+
+// A stage hand-off as the scheduler does it: send from an Ops on src_device into a buffer of an Ops on
+// dst_device, record "filled" on the sender, wait on it on the receiver, read back there.
+TP_API tp_status tp_cuda_op_test_send(int32_t src_device, int32_t dst_device, float* out, const float* in,
+                                      int64_t n) {
+  TP_TEST_BEGIN
+  require(out && in && n > 0, "send");
+  Gpu src(src_device), dst(dst_device);
+  const float* x = src.put(in, n);
+  float* y = dst.nan_buffer(n);
+  void* filled = dst.ops->event_create();
+  try {
+    src.ops->send(y, *dst.ops, x, n);
+    src.ops->event_record(filled);
+    dst.ops->event_wait(filled);
+    dst.ops->to_host(out, y, n);
+  } catch (...) {
+    dst.ops->event_destroy(filled);
+    throw;
+  }
+  dst.ops->event_destroy(filled);
+  TP_TEST_END
+}
+
+}  // extern "C"

@@ -1,0 +1,43 @@
+// rope.cu — rotary position embedding in place, one block per token.
+//
+// The angles are computed as the CPU backend does (cpu_ops.cpp), in double:
+// θ_k = freq_scale · pos · base^(−2k / n_rot) [/ freq_factors[k]], then cos/sin rounded to float; each thread
+// owns one pair index k and rotates that pair in every head of its token, so each (cos, sin) is evaluated
+// once per token. The rotation a·c − b·s, a·s + b·c uses explicitly rounded products (no FMA), the CPU's
+// arithmetic. Device pow/sin/cos are within 2 ulp of glibc in double, so the floats almost always agree.
+#include "backend/cuda/kernels.cuh"
+
+namespace {
+
+__global__ void rope_kernel(float* x, int64_t n_heads, int64_t head_dim, int64_t pos0, bool neox, int half,
+                            int n_rot, float base, float freq_scale, const float* freq_factors) {
+  const int64_t i = blockIdx.x;
+  const double pos = double(pos0 + i);
+  for (int k = threadIdx.x; k < half; k += blockDim.x) {
+    double theta = double(freq_scale) * pos * pow(double(base), -2.0 * double(k) / double(n_rot));
+    if (freq_factors) theta /= double(freq_factors[k]);
+    const float c = float(cos(theta)), s = float(sin(theta));
+    const int ia = neox ? k : 2 * k, ib = neox ? k + half : 2 * k + 1;
+    for (int64_t h = 0; h < n_heads; ++h) {
+      float* v = x + (i * n_heads + h) * head_dim;
+      const float a = v[ia], b = v[ib];
+      v[ia] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+      v[ib] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t tp_rope_cuda(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0,
+                         tp::RopeMode mode, int64_t n_rot, float base, float freq_scale, const float* freq_factors,
+                         cudaStream_t stream) {
+  if (n_tok < 0 || n_heads < 0 || n_rot < 0 || n_rot > head_dim || n_rot % 2 || n_tok > INT32_MAX)
+    return cudaErrorInvalidValue;
+  const int half = int(n_rot / 2);
+  if (n_tok == 0 || n_heads == 0 || half == 0) return cudaSuccess;
+  const int threads = half >= 128 ? 128 : (half + 31) / 32 * 32;
+  rope_kernel<<<unsigned(n_tok), threads, 0, stream>>>(x, n_heads, head_dim, pos0, mode == tp::RopeMode::Neox,
+                                                       half, int(n_rot), base, freq_scale, freq_factors);
+  return cudaGetLastError();
+}
