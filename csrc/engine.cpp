@@ -208,6 +208,9 @@ void Engine::place_stages(const EngineParams& p) {
 }
 
 void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* logits, int64_t logits_len) {
+  std::unique_lock<std::mutex> lk(busy_, std::try_to_lock);
+  if (!lk.owns_lock())
+    fail(TP_ERR_INVALID_ARGUMENT, "the engine is already running a prefill (one call at a time per Engine)");
   if (n <= 0) fail(TP_ERR_INVALID_ARGUMENT, "prefill needs at least one token (got %lld)", (long long)n);
   if (!tokens) fail(TP_ERR_INVALID_ARGUMENT, "tokens is NULL");
   for (int64_t i = 0; i < n; ++i)

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -39,7 +40,11 @@ class Engine {
   // Runs tokens after the n_past tokens already in the sequence. On failure or cancellation the sequence
   // is left as it was before the call.
   void prefill(const int32_t* tokens, int64_t n, bool all_logits, float* logits, int64_t logits_len);
-  void reset() { n_past_ = 0; }
+  void reset() {
+    std::unique_lock<std::mutex> lk(busy_, std::try_to_lock);
+    if (!lk.owns_lock()) fail(TP_ERR_INVALID_ARGUMENT, "reset() while a prefill is running; cancel it first");
+    n_past_ = 0;
+  }
   void cancel() { pipeline_->cancel(); }
   // Testing aid: compute fails when it reaches `layer` (-1: never).
   void inject_fault(int64_t layer) {
@@ -68,6 +73,7 @@ class Engine {
   int64_t n_ctx_ = 0;
   int64_t n_past_ = 0;
   std::unique_ptr<Pipeline> pipeline_;
+  std::mutex busy_;  // one prefill at a time
   std::vector<TraceEvent> trace_;
   double last_seconds_ = 0;
 };

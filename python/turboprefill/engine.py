@@ -299,19 +299,30 @@ class Engine:
         """Run a blocking native call in a thread; Ctrl-C cancels it and re-raises KeyboardInterrupt.
         Returns (status, tp_last_error() read on that thread)."""
         result: list[tuple[int, str]] = []
+        done = threading.Event()
 
         def run():
-            status = call()
-            result.append((status, last_error() if status else ""))
+            try:
+                status = call()
+                result.append((status, last_error() if status else ""))
+            finally:
+                done.set()
 
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
+        # Wait on an Event rather than Thread.join: a join interrupted by KeyboardInterrupt can report the
+        # thread as finished while the native call is still running.
+        threading.Thread(target=run, daemon=True).start()
         try:
-            while t.is_alive():
-                t.join(0.05)
+            while not done.wait(0.05):
+                pass
         except KeyboardInterrupt:
-            lib.tp_engine_cancel(self._h)
-            t.join()
+            while True:
+                lib.tp_engine_cancel(self._h)
+                try:
+                    while not done.wait(0.05):
+                        pass
+                    break
+                except KeyboardInterrupt:  # a second Ctrl-C while cancelling: keep waiting for the stop
+                    continue
             raise
         return result[0]
 

@@ -254,11 +254,12 @@ int main(int argc, char** argv) {
       {true, 64, 2, 2, 0, 1, 0},    {true, 64, 4, 1, 45, 7, 0},   {true, 64, 4, 2, 37, 83, 20},
       {true, 128, 2, 1, 0, 83, 0},  {true, 128, 4, 4, 70, 7, 16}, {true, 256, 2, 1, 21, 40, 0},
       {true, 256, 2, 2, 3, 70, 33},
-      // a tile starting exactly at a warp's last row (pos0 ≡ 1 mod 16), with and without a window edge there
-      {true, 64, 2, 1, 49, 30, 0},  {true, 256, 2, 1, 17, 20, 0},  {true, 64, 2, 1, 113, 40, 50},
+      // tile edges on the masks: a tile starting at a warp's last row (pos0 ≡ 1 mod 16); a tile ending at
+      // the first row's window start (pos0 - n_swa + 2 ≡ 0 mod the tile)
+      {true, 64, 2, 1, 49, 30, 0},  {true, 256, 2, 1, 17, 20, 0},  {true, 64, 2, 1, 112, 40, 50},
       // f32 kernel: the same plus head sizes only it runs
       {false, 64, 4, 1, 45, 7, 0},  {false, 128, 2, 2, 37, 40, 20}, {false, 256, 2, 1, 0, 20, 0},
-      {false, 32, 3, 1, 10, 83, 0}, {false, 80, 2, 1, 5, 17, 9},    {false, 48, 2, 2, 0, 1, 0},
+      {false, 64, 2, 1, 45, 30, 15}, {false, 32, 3, 1, 10, 83, 0}, {false, 80, 2, 1, 5, 17, 9},    {false, 48, 2, 2, 0, 1, 0},
   };
   if (quick) cases.resize(3);
   int failed = 0;
