@@ -24,7 +24,6 @@ import pytest
 import reference
 from conftest import SYNTHETIC
 from reference import load_reference_model
-
 from turboprefill import DeviceError, Engine, UnsupportedError, cuda_devices
 
 GPU_REL_TOL = 5e-3
@@ -39,7 +38,9 @@ def gpu_count() -> int:
         return 0
 
 
-needs_gpu = pytest.mark.skipif(gpu_count() == 0, reason="no CUDA GPU is visible (or this build has no CUDA backend)")
+needs_gpu = pytest.mark.skipif(
+    gpu_count() == 0, reason="no CUDA GPU is visible (or this build has no CUDA backend)"
+)
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -93,14 +94,18 @@ class _QuantizedWeight:
 
 def gpu_precision_reference(path, monkeypatch) -> reference.RefModel:
     model = load_reference_model(path)
-    float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    float_types = {
+        gguf.GGMLQuantizationType.F32,
+        gguf.GGMLQuantizationType.F16,
+        gguf.GGMLQuantizationType.BF16,
+    }
     for t in gguf.GGUFReader(str(path)).tensors:
         if len(t.shape) == 2 and t.tensor_type not in float_types:
             model.w[t.name] = _QuantizedWeight(model.w[t.name])
     exact_attention = reference.attention
 
     def f16_cache_attention(q, k, v, *args):
-        f16 = lambda a: a.astype(np.float16).astype(np.float64)  # noqa: E731
+        f16 = lambda a: a.astype(np.float16).astype(np.float64)
         return exact_attention(q, f16(k), f16(v), *args)
 
     monkeypatch.setattr(reference, "attention", f16_cache_attention)
@@ -145,8 +150,9 @@ def test_cuda_prefill_matches_reference(synthetic_model, monkeypatch, name, n_to
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k",
-                                   "q6_k"])
+@pytest.mark.parametrize(
+    "quant", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+)
 def test_cuda_every_weight_type(synthetic_model, monkeypatch, quant):
     path = synthetic_model("llama256", quant=quant, n_layer=2)
     toks = prompt(19, 200, seed=3)

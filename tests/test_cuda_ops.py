@@ -27,7 +27,6 @@ from pathlib import Path
 import cffi
 import numpy as np
 import pytest
-
 from turboprefill import DeviceError, UnsupportedError, cuda_devices
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -68,7 +67,7 @@ class CudaOpLib:
         self.ffi.cdef(_CDEF)
         self.lib = self.ffi.dlopen(str(_native._lib_path()))
         self._native = _native
-        self.lib.tp_cuda_op_test_rms_norm  # AttributeError in a build without them
+        getattr(self.lib, "tp_cuda_op_test_rms_norm")  # noqa: B009 -- AttributeError in a build without them
 
     def ptr(self, a: np.ndarray | None, ctype: str = "float *"):
         if a is None:
@@ -139,7 +138,12 @@ def rope_ref(x, pos0, n_rot, base, freq_scale, neox, factors):
 @pytest.mark.parametrize("neox", [False, True])
 @pytest.mark.parametrize(
     "n_tok,n_heads,head_dim,n_rot,pos0,factors",
-    [(1, 1, 64, 64, 0, False), (7, 3, 128, 128, 5, True), (83, 2, 256, 128, 1000, False), (128, 4, 64, 32, 70000, True)],
+    [
+        (1, 1, 64, 64, 0, False),
+        (7, 3, 128, 128, 5, True),
+        (83, 2, 256, 128, 1000, False),
+        (128, 4, 64, 32, 70000, True),
+    ],
 )
 def test_rope_matches_cpu_formula(cu, neox, n_tok, n_heads, head_dim, n_rot, pos0, factors):
     rng = np.random.default_rng(n_tok + head_dim)
@@ -148,8 +152,20 @@ def test_rope_matches_cpu_formula(cu, neox, n_tok, n_heads, head_dim, n_rot, pos
     base, freq_scale = 10000.0, 0.25
     ref = rope_ref(x, pos0, n_rot, base, freq_scale, neox, ff)
     got = x.copy()
-    cu.call("tp_cuda_op_test_rope", 0, cu.ptr(got), n_tok, n_heads, head_dim, pos0, int(neox), n_rot, base,
-            freq_scale, cu.ptr(ff))
+    cu.call(
+        "tp_cuda_op_test_rope",
+        0,
+        cu.ptr(got),
+        n_tok,
+        n_heads,
+        head_dim,
+        pos0,
+        int(neox),
+        n_rot,
+        base,
+        freq_scale,
+        cu.ptr(ff),
+    )
     assert np.abs(got - ref).max() <= 1e-6 * np.abs(x).max()
     assert np.array_equal(got[..., n_rot:], x[..., n_rot:])  # dims past n_rot pass through
 
@@ -189,8 +205,9 @@ def test_add_and_add_bias_are_exact(cu, rows, cols):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("qtype", ["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k",
-                                   "q6_k"])
+@pytest.mark.parametrize(
+    "qtype", ["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"]
+)
 @pytest.mark.parametrize("n", [1, 7, 600])  # 600 > 512: token ids cross a kernel-parameter chunk
 def test_embed_matches_cpu_dequantization(cu, qtype, n):
     from turboprefill import quant
@@ -204,8 +221,18 @@ def test_embed_matches_cpu_dequantization(cu, qtype, n):
     scale = np.float32(np.sqrt(640.0))
     ref = rows[tokens] * scale
     out = np.empty((n, cols), dtype=np.float32)
-    cu.call("tp_cuda_op_test_embed", 0, cu.ptr(out), int(t), cu.ffi.cast("void *", table.ctypes.data), n_rows, cols,
-            cu.ptr(tokens, "int32_t *"), n, float(scale))
+    cu.call(
+        "tp_cuda_op_test_embed",
+        0,
+        cu.ptr(out),
+        int(t),
+        cu.ffi.cast("void *", table.ctypes.data),
+        n_rows,
+        cols,
+        cu.ptr(tokens, "int32_t *"),
+        n,
+        float(scale),
+    )
     tol = 4e-7 * np.abs(ref).max(axis=1, keepdims=True)
     assert (np.abs(out - ref) <= tol).all()
 
@@ -237,8 +264,24 @@ def run_attention(cu, kernel, n_tok, pos0, n_head, n_head_kv, head_dim, n_swa, s
     out = np.empty((n_tok, n_head * head_dim), dtype=np.float32)
     kc, vc = np.empty_like(k), np.empty_like(v)
     scale = 1.0 / np.sqrt(head_dim)
-    cu.call("tp_cuda_op_test_attention", 0, kernel, cu.ptr(out), cu.ptr(q), cu.ptr(k), cu.ptr(v), pos0, n_tok,
-            n_head, n_head_kv, head_dim, scale, n_swa, cu.ptr(kc), cu.ptr(vc))
+    cu.call(
+        "tp_cuda_op_test_attention",
+        0,
+        kernel,
+        cu.ptr(out),
+        cu.ptr(q),
+        cu.ptr(k),
+        cu.ptr(v),
+        pos0,
+        n_tok,
+        n_head,
+        n_head_kv,
+        head_dim,
+        scale,
+        n_swa,
+        cu.ptr(kc),
+        cu.ptr(vc),
+    )
     k16, v16 = k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
     assert np.array_equal(kc, k16) and np.array_equal(vc, v16)  # the cache is f16, round to nearest even
     return out, attention_ref(q, k16, v16, pos0, n_head_kv, scale, n_swa), np.abs(v16).max()
@@ -258,8 +301,9 @@ def tensor_cores_run(head_dim: int) -> bool:
 @pytest.mark.parametrize("n_tok,pos0", [(1, 0), (7, 45), (83, 300), (128, 1000)])
 def test_attention_matches_float64(cu, kernel, n_swa, gqa, head_dim, n_tok, pos0):
     n_head_kv = 2 if gqa < 8 else 1
-    out, ref, vmax = run_attention(cu, kernel, n_tok, pos0, gqa * n_head_kv, n_head_kv, head_dim, n_swa,
-                                   seed=n_tok + head_dim + gqa)
+    out, ref, vmax = run_attention(
+        cu, kernel, n_tok, pos0, gqa * n_head_kv, n_head_kv, head_dim, n_swa, seed=n_tok + head_dim + gqa
+    )
     mma = kernel == KERNEL_AUTO and tensor_cores_run(head_dim)
     assert np.abs(out - ref).max() <= (2e-3 if mma else 4e-6) * vmax
 
@@ -330,7 +374,21 @@ def test_attention_kernels_in_cpu_emulation(tmp_path):
         pytest.skip("needs the CUDA headers (cuda_fp16.h) and a C++ compiler")
     exe = tmp_path / "attention_emulate"
     src = _REPO / "tests" / "cpp" / "attention_emulate.cpp"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-pthread", "-Wno-unknown-pragmas", "-DTP_ATTN_EMULATE",
-                    f"-I{_REPO / 'csrc'}", f"-I{inc}", str(src), "-o", str(exe)], check=True)
-    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [
+            cxx,
+            "-std=c++17",
+            "-O2",
+            "-pthread",
+            "-Wno-unknown-pragmas",
+            "-DTP_ATTN_EMULATE",
+            f"-I{_REPO / 'csrc'}",
+            f"-I{inc}",
+            str(src),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
+    r = subprocess.run([str(exe)], check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -315,14 +315,14 @@ class Engine:
             while not done.wait(0.05):
                 pass
         except KeyboardInterrupt:
-            while True:
+            # Cancel again every 50 ms until the call returns: a cancel that lands before the native
+            # prefill has started would otherwise be forgotten. A second Ctrl-C just keeps waiting.
+            while not done.is_set():
                 lib.tp_engine_cancel(self._h)
                 try:
-                    while not done.wait(0.05):
-                        pass
-                    break
-                except KeyboardInterrupt:  # a second Ctrl-C while cancelling: keep waiting for the stop
-                    continue
+                    done.wait(0.05)
+                except KeyboardInterrupt:
+                    pass
             raise
         return result[0]
 

@@ -26,7 +26,10 @@ void cpu_matmul(ThreadPool& pool, float* out, const Tensor& w, const float* in, 
 void cpu_attention(ThreadPool& pool, float* out, const float* q, const float* K, const float* V, int64_t pos0,
                    int64_t n_tok, const AttnParams& p);
 
-// Name of the instruction set the clones resolve to on this machine ("avx512f", "avx2+fma", "baseline").
+// The instruction sets the kernels use on this machine, e.g. "int8:avx512-vnni f32:avx512f".
 const char* cpu_simd_level();
+
+// Tests: cap the int8 kernels' ISA at `level` (0 scalar, 1 AVX2, 2 AVX-512 VNNI; -1 = what the CPU has).
+void cpu_set_isa_override(int level);
 
 }  // namespace tp

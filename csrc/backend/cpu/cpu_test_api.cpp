@@ -1,0 +1,33 @@
+// cpu_test_api.cpp — C entry points for tests/test_cpu_kernels.py only (declared in the test's own cffi
+// FFI, not in turboprefill.h): force a lower ISA for the int8 kernels, run the CPU attention kernel on
+// host arrays.
+#include <cstdint>
+
+#include "backend/cpu/kernels.h"
+#include "include/turboprefill.h"  // TP_API
+
+extern "C" {
+
+// level: 0 scalar, 1 AVX2, 2 AVX-512 VNNI (capped at what the CPU has); -1 restores auto-detection.
+// Process-wide; returns the simd string now in effect.
+TP_API const char* tp_cpu_test_set_isa(int32_t level) {
+  tp::cpu_set_isa_override(level);
+  return tp::cpu_simd_level();
+}
+
+// out/q: [n_tok][n_head * head_dim]; K/V: [pos0 + n_tok][n_head_kv * head_dim]. Returns 0.
+TP_API int32_t tp_cpu_test_attention(float* out, const float* q, const float* K, const float* V, int64_t pos0,
+                                     int64_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                                     int32_t n_swa, float kq_scale, int32_t threads) {
+  tp::AttnParams p{};
+  p.n_head = n_head;
+  p.n_head_kv = n_head_kv;
+  p.head_dim = head_dim;
+  p.n_swa = n_swa;
+  p.kq_scale = kq_scale;
+  tp::ThreadPool pool(threads < 1 ? 1 : threads);
+  tp::cpu_attention(pool, out, q, K, V, pos0, n_tok, p);
+  return 0;
+}
+
+}  // extern "C"
