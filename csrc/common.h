@@ -33,6 +33,12 @@ std::string fmt(const char* f, Args... args) {
 }
 inline std::string fmt(const char* f) { return std::string(f); }
 
+// The C ABI's error plumbing, defined in api.cpp, for every file that defines extern "C" entry points:
+// the calling thread's tp_last_error() message, and the status of the exception being handled (call it
+// only inside a catch block; it records the message too).
+void set_last_error(const std::string& msg);
+tp_status status_from_current_exception();
+
 template <typename... Args>
 [[noreturn]] void fail(tp_status status, const char* f, Args... args) {
   throw Error(status, fmt(f, args...));

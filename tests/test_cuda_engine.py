@@ -2,32 +2,31 @@
 one and two GPUs, and device-list handling. GPU tests (marked ``cuda``) skip without a GPU;
 test_cuda_without_gpu_is_a_device_error runs wherever no GPU is visible (including TP_CUDA=OFF builds).
 
-The oracle for GPU logits is tests/reference.py run at the GPU's precision: the CUDA matmul multiplies
-quantized weights with int8 activations (groups of 32, d = amax/127, round half away from zero — see
-csrc/quant/unpack.h) and the KV cache is f16, so the reference applies exactly those two roundings
-(q8_groups below, f16 K/V in attention) and keeps everything else in float64. What it does not emulate:
-f32 arithmetic (~1e-6), and on sm_80+ the tensor-core attention's f16 Q and P (<= 1.5e-4 · max|v| per
-attention output, measured in tests/cpp/attention_emulate.cpp). GPU_REL_TOL = 5e-3 on max|Δlogit| /
-max|logit| leaves ~10× for those to accumulate over the layers; a real bug (rope mode, mask, GQA mapping,
-a missing norm) moves logits by > 5e-2. EXACT_REL_TOL = 0.1 bounds the distance to the exact float64
-forward, a sanity check that the emulated roundings are the only big ones. Both constants are estimates
-until measured on a GPU: tighten them to 10× the measured values.
+Tolerances (max|Δlogit| / max|logit| against tests/reference.py in float64, 83 tokens), measured by putting
+the GPU's roundings into the reference (tests/cpp/attention_emulate.cpp bounds the kernels themselves):
+- Float weights (f32/f16/bf16): the CUDA matmul is f32, so only the f16 KV cache and, on sm_80+, the
+  tensor-core attention's f16 Q and P differ: measured <= 3.9e-4 over the synthetic models.
+  FLOAT_REL_TOL = 4e-3 (10×); a wrong rope mode, mask, GQA mapping or missing norm moves logits > 1e-2.
+- Quantized weights: the CUDA matmul rounds activations to int8 groups of 32 (csrc/quant/unpack.h), a
+  noise of 1.2–1.8e-2 (1 − cos <= 2.8e-4) on these models. Emulating that rounding in the reference does
+  not make a tighter oracle: an f32-level difference upstream flips some roundings and redraws the noise
+  (measured: a 1e-7 relative perturbation already gives 1.1–1.3e-2). QUANT_REL_TOL = 5e-2 and
+  QUANT_COS_TOL = 1e-3 leave ~3×; they catch integration errors, the op tests catch subtle ones.
 """
 
 from __future__ import annotations
 
 import functools
 
-import gguf
 import numpy as np
 import pytest
-import reference
 from conftest import SYNTHETIC
 from reference import load_reference_model
 from turboprefill import DeviceError, Engine, UnsupportedError, cuda_devices
 
-GPU_REL_TOL = 5e-3
-EXACT_REL_TOL = 0.1
+FLOAT_REL_TOL = 4e-3
+QUANT_REL_TOL = 5e-2
+QUANT_COS_TOL = 1e-3
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,69 +46,22 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def one_minus_cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(1.0 - a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def assert_close(got: np.ndarray, ref: np.ndarray, quantized: bool) -> None:
+    assert got.shape == ref.shape
+    if quantized:
+        assert rel_err(got, ref) < QUANT_REL_TOL
+        assert one_minus_cos(got, ref) < QUANT_COS_TOL
+    else:
+        assert rel_err(got, ref) < FLOAT_REL_TOL
+
+
 def prompt(n: int, n_vocab: int, seed: int = 1) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(0, n_vocab, n)]
-
-
-# ---- the reference at GPU precision ----------------------------------------------------------------------
-
-
-def q8_groups(x: np.ndarray) -> np.ndarray:
-    """x as the CUDA int8 matmul sees it: f32, groups of 32 along the row, d = amax / 127 in f32,
-    q = round half away from zero of x / d, value d·q."""
-    g = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
-    d = np.abs(g).max(axis=-1, keepdims=True) / np.float32(127)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.where(d > 0, g / d, np.float32(0))
-    q = np.sign(r) * np.floor(np.abs(r) + np.float32(0.5))
-    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
-
-
-class _Q8Product:
-    """Stands for W.T in `x @ W.T`: multiplies with the q8-rounded activations."""
-
-    __array_ufunc__ = None  # make ndarray @ this defer to __rmatmul__
-
-    def __init__(self, w: np.ndarray):
-        self.w = w
-
-    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
-        return q8_groups(x) @ self.w.T
-
-
-class _QuantizedWeight:
-    """A quantized 2-D weight in the reference's dict: `.T` products see q8 activations, rows (embedding
-    lookups) are the exact dequantized values."""
-
-    def __init__(self, w: np.ndarray):
-        self.w = w
-
-    @property
-    def T(self) -> _Q8Product:
-        return _Q8Product(self.w)
-
-    def __getitem__(self, idx):
-        return self.w[idx]
-
-
-def gpu_precision_reference(path, monkeypatch) -> reference.RefModel:
-    model = load_reference_model(path)
-    float_types = {
-        gguf.GGMLQuantizationType.F32,
-        gguf.GGMLQuantizationType.F16,
-        gguf.GGMLQuantizationType.BF16,
-    }
-    for t in gguf.GGUFReader(str(path)).tensors:
-        if len(t.shape) == 2 and t.tensor_type not in float_types:
-            model.w[t.name] = _QuantizedWeight(model.w[t.name])
-    exact_attention = reference.attention
-
-    def f16_cache_attention(q, k, v, *args):
-        f16 = lambda a: a.astype(np.float16).astype(np.float64)
-        return exact_attention(q, f16(k), f16(v), *args)
-
-    monkeypatch.setattr(reference, "attention", f16_cache_attention)
-    return model
 
 
 # ---- runs everywhere -------------------------------------------------------------------------------------
@@ -124,28 +76,20 @@ def test_cuda_without_gpu_is_a_device_error(synthetic_model):
             Engine(path, devices=devices)
 
 
-def test_q8_groups_is_the_documented_rounding():
-    x = np.array([[0.5, -0.5, 127.0, 1.5, -2.5] + [0.0] * 27], dtype=np.float64)  # d = 1: ties away from zero
-    assert q8_groups(x)[0, :5].tolist() == [1.0, -1.0, 127.0, 2.0, -3.0]
-    assert not q8_groups(np.zeros((2, 64))).any()
-
-
 # ---- GPU -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("quant", ["f32", "q4_k_m"])
 @pytest.mark.parametrize("name", sorted(SYNTHETIC))
 @pytest.mark.parametrize("n_tok,ubatch", [(1, 512), (7, 3), (83, 16), (128, 128)])
-def test_cuda_prefill_matches_reference(synthetic_model, monkeypatch, name, n_tok, ubatch):
-    path = synthetic_model(name)
+def test_cuda_prefill_matches_reference(synthetic_model, quant, name, n_tok, ubatch):
+    path = synthetic_model(name, quant=quant)
     toks = prompt(n_tok, SYNTHETIC[name][1]["n_vocab"])
-    exact = load_reference_model(path).forward(toks, all_logits=True)
-    ref = gpu_precision_reference(path, monkeypatch).forward(toks, all_logits=True)
+    ref = load_reference_model(path).forward(toks, all_logits=True)
     got = Engine(path, devices="cuda:0", ubatch=ubatch).prefill(toks, all_logits=True).logits
-    assert got.shape == ref.shape
-    assert rel_err(got, ref) < GPU_REL_TOL
-    assert rel_err(got, exact) < EXACT_REL_TOL
+    assert_close(got, ref, quantized=quant != "f32")
 
 
 @pytest.mark.cuda
@@ -153,26 +97,26 @@ def test_cuda_prefill_matches_reference(synthetic_model, monkeypatch, name, n_to
 @pytest.mark.parametrize(
     "quant", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
 )
-def test_cuda_every_weight_type(synthetic_model, monkeypatch, quant):
+def test_cuda_every_weight_type(synthetic_model, quant):
     path = synthetic_model("llama256", quant=quant, n_layer=2)
     toks = prompt(19, 200, seed=3)
-    ref = gpu_precision_reference(path, monkeypatch).forward(toks)
+    ref = load_reference_model(path).forward(toks)
     got = Engine(path, devices="cuda:0", ubatch=8).prefill(toks).logits
-    assert rel_err(got, ref) < GPU_REL_TOL
+    assert_close(got, ref, quantized=quant not in ("f32", "f16", "bf16"))
 
 
 @pytest.mark.cuda
 @needs_gpu
-def test_cuda_sequence_across_calls_grows_the_kv_cache(synthetic_model, monkeypatch):
-    """Two prefill calls (the second grows the f16 cache, copying the first's keys) equal one call."""
-    path = synthetic_model("gemma3")
+def test_cuda_sequence_across_calls_grows_the_kv_cache(synthetic_model):
+    """Two prefill calls (the second grows the f16 cache, copying the first's keys) match the reference."""
+    path = synthetic_model("gemma3", quant="f32")
     toks = prompt(90, 200, seed=5)
-    ref = gpu_precision_reference(path, monkeypatch).forward(toks, all_logits=True)
+    ref = load_reference_model(path).forward(toks, all_logits=True)
     eng = Engine(path, devices="cuda:0", ubatch=16)
     a = eng.prefill(toks[:37], all_logits=True).logits
     b = eng.prefill(toks[37:], all_logits=True).logits
     assert eng.n_past == 90
-    assert rel_err(np.concatenate([a, b]), ref) < GPU_REL_TOL
+    assert_close(np.concatenate([a, b]), ref, quantized=False)
 
 
 def _same_gpu_model(indices) -> bool:

@@ -12,12 +12,6 @@
 #include "quant/quantize.h"
 #include "quant/types.h"
 
-namespace tp {
-// Defined in csrc/api.cpp: the thread-local last-error message and the exception -> status mapping.
-void set_last_error(const std::string& msg);
-tp_status status_from_current_exception();
-}  // namespace tp
-
 namespace {
 
 // Traits of a type id the engine knows (supported or not); an unknown id is the caller's error.

@@ -17,12 +17,6 @@
 #include "quant/types.h"
 #include "quant/unpack.h"
 
-namespace tp {
-// Defined in csrc/api.cpp: the thread-local last-error message and the exception -> status mapping.
-void set_last_error(const std::string& msg);
-tp_status status_from_current_exception();
-}  // namespace tp
-
 namespace {
 
 // Traits of a type with int8 unpacking, or a tp::Error naming the call and the type.

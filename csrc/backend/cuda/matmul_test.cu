@@ -12,12 +12,6 @@
 #include "common.h"
 #include "include/turboprefill.h"
 
-namespace tp {
-// Defined in csrc/api.cpp: the thread-local last-error message and the exception -> status mapping.
-void set_last_error(const std::string& msg);
-tp_status status_from_current_exception();
-}  // namespace tp
-
 namespace {
 
 void check_cuda(cudaError_t e, const char* what) {
