@@ -33,9 +33,11 @@ Pipeline::Pipeline(std::vector<std::unique_ptr<Stage>>& stages, const ModelConfi
     }
   }
   credit_ = std::make_unique<SpscRing>(1, &stop_);
+  credit_->slot(0).ev_filled = stages.back()->ops->event_create();
 }
 
 Pipeline::~Pipeline() {
+  stages_.back()->ops->event_destroy(credit_->slot(0).ev_filled);
   for (size_t s = 1; s < rings_.size(); ++s) {
     for (int i = 0; i < rings_[s]->capacity(); ++i) {
       stages_[s]->ops->event_destroy(rings_[s]->slot(i).ev_filled);
@@ -68,7 +70,9 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
 
     // Sequential schedule: wait until the previous ubatch has left the last stage.
     if (first && sequential && m > 0) {
-      if (credit_->acquire_filled() < 0) return;
+      const int c = credit_->acquire_filled();
+      if (c < 0) return;
+      st.ops->event_wait(credit_->slot(c).ev_filled);  // on a GPU: after the last stage's kernels, not its host
       credit_->release();
     }
     // Receive the ubatch's activations from the previous stage.
@@ -101,7 +105,7 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
       if (j < 0) return;
       RingSlot& slot = out->slot(j);
       Ops& dst = *stages_[size_t(s + 1)]->ops;
-      dst.event_wait(slot.ev_free);
+      st.ops->event_wait(slot.ev_free);  // our copy must not overwrite data the consumer still reads
       st.ops->send(slot.data, dst, st.x, nt * E);
       st.ops->event_record(slot.ev_filled);
       slot.ubatch = m;
@@ -109,7 +113,9 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
       out->publish();
     }
     if (last && sequential && !last_ub) {
-      if (credit_->acquire_free() < 0) return;
+      const int c = credit_->acquire_free();
+      if (c < 0) return;
+      st.ops->event_record(credit_->slot(c).ev_filled);
       credit_->publish();
     }
   }

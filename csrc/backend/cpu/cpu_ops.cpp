@@ -16,6 +16,26 @@ namespace tp {
 
 namespace {
 
+// out = act(gate) * up over [0, n). SiLU: g / (1 + e^-g); GELU-tanh: 0.5 g (1 + tanh(u)) = g / (1 + e^-2u)
+// with u = sqrt(2/pi) (g + 0.044715 g^3), the same function without tanh's cancellation; e^x is vexp
+// (kernels.h, ≈ 1e-7 relative), 16 lanes at a time, the scalar tail through std::exp.
+TP_CPU_CLONES void glu_range(float* out, const float* gate, const float* up, int64_t n, bool silu) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v16f g, u;
+    memcpy(&g, gate + i, sizeof(g));
+    memcpy(&u, up + i, sizeof(u));
+    const v16f z = silu ? -g : -2.0f * (0.7978845608028654f * (g + 0.044715f * g * g * g));
+    const v16f r = g / (1.0f + vexp(z)) * u;
+    memcpy(out + i, &r, sizeof(r));
+  }
+  for (; i < n; ++i) {
+    const float g = gate[i];
+    const float z = silu ? -g : -2.0f * (0.7978845608028654f * (g + 0.044715f * g * g * g));
+    out[i] = g / (1.0f + std::exp(z)) * up[i];
+  }
+}
+
 class CpuOps final : public Ops {
  public:
   explicit CpuOps(int n_threads) : pool_(n_threads) {}
@@ -120,15 +140,9 @@ class CpuOps final : public Ops {
   }
 
   void glu(float* out, const float* gate, const float* up, int64_t n, Activation act) override {
-    pool_.parallel_for(n, 4096, [&](int64_t b, int64_t e, int) {
-      if (act == Activation::Silu) {
-        for (int64_t i = b; i < e; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-      } else {
-        for (int64_t i = b; i < e; ++i) {
-          const float g = gate[i];
-          out[i] = 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
-        }
-      }
+    pool_.parallel_for((n + 4095) / 4096, 1, [&](int64_t b, int64_t e, int) {
+      const int64_t lo = b * 4096, hi = e * 4096 < n ? e * 4096 : n;
+      glu_range(out + lo, gate + lo, up + lo, hi - lo, act == Activation::Silu);
     });
   }
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "backend/cpu/threadpool.h"
 #include "backend/ops.h"
@@ -17,6 +18,43 @@
 #endif
 
 namespace tp {
+
+// ---- generic-vector math shared by the kernels (compiled into each target_clones variant) -------------
+
+// vexp returns a 64-byte vector: always inlined, so the ABI note GCC gives for non-AVX-512 callers is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// e^x, 16 lanes: x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by a degree-6 polynomial, 2^n through the
+// exponent bits. Relative error ≈ 1e-7 (tests/test_cpu_kernels.py::test_vexp
+// measures it against f64); inputs below -87.3 give 0, above 88.7 are clamped (no inf).
+__attribute__((always_inline)) inline v16f vexp(v16f x) {
+  const v16f hi_c = v16f{} + 88.7f, lo_c = v16f{} - 87.3f;
+  v16f xc = x > hi_c ? hi_c : x;
+  xc = xc < lo_c ? lo_c : xc;
+  const v16f shifter = v16f{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const v16f n = (xc * 1.44269504088896341f + shifter) - shifter;
+  const v16f r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  v16f poly = v16f{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  const v16i ni = __builtin_convertvector(n, v16i);
+  const v16i bits = (ni + 127) << 23;
+  v16f scale;
+  memcpy(&scale, &bits, sizeof(scale));
+  v16f res = poly * scale;
+  const v16i under = x < -87.3f;
+  v16i rb;
+  memcpy(&rb, &res, sizeof(rb));
+  rb &= ~under;
+  memcpy(&res, &rb, sizeof(res));
+  return res;
+}
 
 // out[t][r] = sum_k W[r][k] * in[t][k]; weights decoded block by block into a per-thread row tile.
 void cpu_matmul(ThreadPool& pool, float* out, const Tensor& w, const float* in, int64_t n_tok);

@@ -52,7 +52,6 @@ namespace {
 
 constexpr int64_t kRowTile = 16;
 constexpr int kVec = 16;
-typedef float v16f __attribute__((vector_size(64)));
 
 // NR rows of w (stride ldw) times NT rows of x (stride ldx), K elements; out[t * ldo + r].
 template <int NR, int NT>
@@ -142,11 +141,14 @@ constexpr int kTileRows = 32;
 constexpr int kGroupBytes = 32 * kTileRows;  // one group of a tile: 8 chunks × 32 rows × 4 bytes
 constexpr int kTokBlk = 4;
 
-// One activation group: x ≈ d * q, s = d * Σq (unpack.h AGroup) and the integer half sums of q.
+// One activation group in two int8 stages (see the file comment): x ≈ d[0] q1 + d[1] q2, s = s1 + s2 with
+// s_i = d_i Σq_i (unpack.h's AGroup of each stage), and the integer half sums of q1 and q2 (lo[i], hi[i]).
 struct AMeta {
-  float d, s;
-  int32_t lo, hi;
+  float d[2], s;
+  int32_t lo[2], hi[2];
+  int32_t pad;
 };
+constexpr int kActBytes = 64;  // per group and token: q1[32] then q2[32]
 
 // A decoded tile of kTileRows rows (see the file comment).
 struct Tile {
@@ -196,46 +198,84 @@ void decode_tile(const Tensor& w, int64_t r0, int nr, int64_t G, Tile& T) {
 
 // ---- activation quantization ------------------------------------------------------------------------------
 
+// s1 + s2 out of line, so that no caller can contract d1 * Σq1 + s2 into an FMA (the AVX-512 quantizer is
+// compiled with FMA, the scalar one without): every ISA rounds the product and the sum separately.
+__attribute__((noinline)) float add_sums(float s1, float s2) { return s1 + s2; }
+
+// Stage 2 quantizes the residual r = x - d1 q1, rounded once (fma), which |r| <= d1 / 2 bounds.
 void quantize_row_scalar(const float* x, int64_t K, int8_t* q, AMeta* meta) {
   for (int64_t g = 0; g < K / 32; ++g) {
-    const AGroup a = quantize_group(x + 32 * g, q + 32 * g);
-    int32_t lo = 0, hi = 0;
-    for (int i = 0; i < 16; ++i) lo += q[32 * g + i];
-    for (int i = 16; i < 32; ++i) hi += q[32 * g + i];
-    meta[g] = {a.d, a.s, lo, hi};
+    int8_t* q1 = q + kActBytes * g;
+    int8_t* q2 = q1 + 32;
+    const AGroup a1 = quantize_group(x + 32 * g, q1);
+    float r[32];
+    for (int i = 0; i < 32; ++i) r[i] = std::fma(-a1.d, float(q1[i]), x[32 * g + i]);
+    const AGroup a2 = quantize_group(r, q2);
+    AMeta& m = meta[g];
+    m.d[0] = a1.d;
+    m.d[1] = a2.d;
+    m.s = add_sums(a1.s, a2.s);
+    for (int st = 0; st < 2; ++st) {
+      const int8_t* qq = st == 0 ? q1 : q2;
+      int32_t lo = 0, hi = 0;
+      for (int i = 0; i < 16; ++i) lo += qq[i];
+      for (int i = 16; i < 32; ++i) hi += qq[i];
+      m.lo[st] = lo;
+      m.hi[st] = hi;
+    }
+    m.pad = 0;
   }
 }
 
 #if TP_X86
-// Bit-identical to quantize_group: exact max |x|, IEEE division, round half away from zero.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void quantize_row_avx512(const float* x, int64_t K,
-                                                                                     int8_t* q, AMeta* meta) {
+#define TP_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+// One stage of quantize_group on 32 floats, bit-identical to it: exact max |x|, IEEE division, round half
+// away from zero. Returns d; q and the two int32 vectors of q come back through the pointers.
+TP_AVX512_TARGET inline float quantize32_avx512(__m512 v0, __m512 v1, int8_t* q, __m512i* qi) {
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float d = q8_scale(amax);
+  if (d == 0.0f) {
+    memset(q, 0, 32);
+    qi[0] = qi[1] = _mm512_setzero_si512();
+    return d;
+  }
   const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
   const __m512i sign = _mm512_set1_epi32(int32_t(0x80000000u));
+  const __m512 dv = _mm512_set1_ps(d);
+  const __m512 vs[2] = {v0, v1};
+  for (int h = 0; h < 2; ++h) {
+    const __m512 y = _mm512_div_ps(vs[h], dv);
+    const __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m512 frac = _mm512_abs_ps(_mm512_sub_ps(y, t));  // exact
+    const __mmask16 up = _mm512_cmp_ps_mask(frac, half, _CMP_GE_OQ);
+    const __m512 step = _mm512_castsi512_ps(
+        _mm512_or_si512(_mm512_castps_si512(one), _mm512_and_si512(_mm512_castps_si512(y), sign)));
+    qi[h] = _mm512_maskz_cvttps_epi32(__mmask16(0xFFFF), _mm512_mask_add_ps(t, up, t, step));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * h), _mm512_cvtepi32_epi8(qi[h]));
+  }
+  return d;
+}
+
+TP_AVX512_TARGET void quantize_row_avx512(const float* x, int64_t K, int8_t* q, AMeta* meta) {
   for (int64_t g = 0; g < K / 32; ++g) {
+    int8_t* q1 = q + kActBytes * g;
     const __m512 v0 = _mm512_loadu_ps(x + 32 * g), v1 = _mm512_loadu_ps(x + 32 * g + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    const float d = q8_scale(amax);
-    if (d == 0.0f) {
-      memset(q + 32 * g, 0, 32);
-      meta[g] = {d, q8_sum(d, 0), 0, 0};
-      continue;
-    }
-    const __m512 dv = _mm512_set1_ps(d);
-    __m512i qi[2];
-    const __m512 vs[2] = {v0, v1};
-    for (int h = 0; h < 2; ++h) {
-      const __m512 y = _mm512_div_ps(vs[h], dv);
-      const __m512 t = _mm512_roundscale_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-      const __m512 frac = _mm512_abs_ps(_mm512_sub_ps(y, t));  // exact
-      const __mmask16 up = _mm512_cmp_ps_mask(frac, half, _CMP_GE_OQ);
-      const __m512 step = _mm512_castsi512_ps(
-          _mm512_or_si512(_mm512_castps_si512(one), _mm512_and_si512(_mm512_castps_si512(y), sign)));
-      qi[h] = _mm512_maskz_cvttps_epi32(__mmask16(0xFFFF), _mm512_mask_add_ps(t, up, t, step));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * g + 16 * h), _mm512_cvtepi32_epi8(qi[h]));
-    }
-    const int32_t lo = _mm512_reduce_add_epi32(qi[0]), hi = _mm512_reduce_add_epi32(qi[1]);
-    meta[g] = {d, q8_sum(d, lo + hi), lo, hi};
+    __m512i qi[2], qj[2];
+    const float d1 = quantize32_avx512(v0, v1, q1, qi);
+    const __m512 nd = _mm512_set1_ps(-d1);
+    const __m512 r0 = _mm512_fmadd_ps(nd, _mm512_maskz_cvtepi32_ps(__mmask16(0xFFFF), qi[0]), v0);
+    const __m512 r1 = _mm512_fmadd_ps(nd, _mm512_maskz_cvtepi32_ps(__mmask16(0xFFFF), qi[1]), v1);
+    const float d2 = quantize32_avx512(r0, r1, q1 + 32, qj);
+    AMeta& m = meta[g];
+    m.d[0] = d1;
+    m.d[1] = d2;
+    m.lo[0] = _mm512_reduce_add_epi32(qi[0]);
+    m.hi[0] = _mm512_reduce_add_epi32(qi[1]);
+    m.lo[1] = _mm512_reduce_add_epi32(qj[0]);
+    m.hi[1] = _mm512_reduce_add_epi32(qj[1]);
+    m.s = add_sums(q8_sum(d1, m.lo[0] + m.hi[0]), q8_sum(d2, m.lo[1] + m.hi[1]));
+    m.pad = 0;
   }
 }
 #endif
@@ -246,7 +286,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void quantize_row_
 // (stride G), output out[t * ldo + r] for r < nr.
 
 template <class B, int NT>
-void kernel_scalar(const Tile& T, int64_t G, const int8_t* xq, int64_t K, const AMeta* am, float* out, int64_t ldo,
+void kernel_scalar(const Tile& T, int64_t G, const int8_t* xq, int64_t ldx, const AMeta* am, float* out, int64_t ldo,
                    int nr) {
   constexpr bool kSplit = Unpack<B>::kSplit, kOffset = Unpack<B>::kOffset;
   constexpr int bias = bias_of<B>();
@@ -255,19 +295,21 @@ void kernel_scalar(const Tile& T, int64_t G, const int8_t* xq, int64_t K, const 
       float acc = 0.0f;
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* wq = &T.q[size_t(g * kGroupBytes + r * 4)];
-        const int8_t* aq = xq + t * K + 32 * g;
         const AMeta& a = am[t * G + g];
-        int32_t s[2] = {0, 0};
-        for (int c = 0; c < 8; ++c)
-          for (int j = 0; j < 4; ++j) s[c >> 2] += int32_t(wq[c * 4 * kTileRows + j]) * int32_t(aq[4 * c + j]);
-        const float d0 = T.d0[size_t(g * kTileRows + r)];
-        if (kSplit) {
-          const float t0 = d0 * a.d, t1 = T.d1[size_t(g * kTileRows + r)] * a.d;
-          acc = std::fma(t0, float(s[0] - bias * a.lo), acc);
-          acc = std::fma(t1, float(s[1] - bias * a.hi), acc);
-        } else {
-          const float t0 = d0 * a.d;
-          acc = std::fma(t0, float(s[0] + s[1] - bias * (a.lo + a.hi)), acc);
+        int32_t s[2][2] = {{0, 0}, {0, 0}};  // [stage][half]
+        for (int st = 0; st < 2; ++st) {
+          const int8_t* aq = xq + t * ldx + kActBytes * g + 32 * st;
+          for (int c = 0; c < 8; ++c)
+            for (int j = 0; j < 4; ++j) s[st][c >> 2] += int32_t(wq[c * 4 * kTileRows + j]) * int32_t(aq[4 * c + j]);
+        }
+        const float* dw[2] = {&T.d0[size_t(g * kTileRows + r)], &T.d1[size_t(g * kTileRows + r)]};
+        for (int h = 0; h < (kSplit ? 2 : 1); ++h) {
+          for (int st = 0; st < 2; ++st) {
+            const int32_t si = kSplit ? s[st][h] - bias * (h == 0 ? a.lo[st] : a.hi[st])
+                                      : s[st][0] + s[st][1] - bias * (a.lo[st] + a.hi[st]);
+            const float ts = *dw[h] * a.d[st];
+            acc = std::fma(ts, float(si), acc);
+          }
         }
         if (kOffset) acc = std::fma(T.m[size_t(g * kTileRows + r)], a.s, acc);
       }
@@ -285,8 +327,9 @@ static inline int32_t load_i32(const void* p) {
 
 #define TP_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma")))
 
+// 32 rows (two zmm of 16 int32 lanes) × NT tokens; per token and 4-byte chunk, one broadcast per stage.
 template <class B, int NT>
-TP_VNNI_TARGET void kernel_vnni(const Tile& T, int64_t G, const int8_t* xq, int64_t K, const AMeta* am, float* out,
+TP_VNNI_TARGET void kernel_vnni(const Tile& T, int64_t G, const int8_t* xq, int64_t ldx, const AMeta* am, float* out,
                                 int64_t ldo, int nr) {
   constexpr bool kSplit = Unpack<B>::kSplit, kOffset = Unpack<B>::kOffset;
   constexpr int bias = bias_of<B>();
@@ -295,40 +338,46 @@ TP_VNNI_TARGET void kernel_vnni(const Tile& T, int64_t G, const int8_t* xq, int6
     for (int t = 0; t < NT; ++t) fa[v][t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = T.q.data() + g * kGroupBytes;
-    const int8_t* ag = xq + 32 * g;
-    const float* d0p = T.d0.data() + g * kTileRows;
-    const float* d1p = T.d1.data() + g * kTileRows;
+    const int8_t* ag = xq + kActBytes * g;
     for (int h = 0; h < (kSplit ? 2 : 1); ++h) {
-      __m512i ia[2][NT];
+      __m512i ia[2][2][NT];  // [row vector][stage][token]
       for (int v = 0; v < 2; ++v)
-        for (int t = 0; t < NT; ++t) ia[v][t] = _mm512_setzero_si512();
+        for (int st = 0; st < 2; ++st)
+          for (int t = 0; t < NT; ++t) ia[v][st][t] = _mm512_setzero_si512();
       const int c0 = kSplit ? 4 * h : 0, c1 = kSplit ? 4 * h + 4 : 8;
       for (int c = c0; c < c1; ++c) {
         const __m512i w0 = _mm512_loadu_si512(wg + c * 4 * kTileRows);
         const __m512i w1 = _mm512_loadu_si512(wg + c * 4 * kTileRows + 64);
         for (int t = 0; t < NT; ++t) {
-          const __m512i a = _mm512_set1_epi32(load_i32(ag + t * K + 4 * c));
-          ia[0][t] = _mm512_dpbusd_epi32(ia[0][t], w0, a);
-          ia[1][t] = _mm512_dpbusd_epi32(ia[1][t], w1, a);
+          for (int st = 0; st < 2; ++st) {
+            const __m512i a = _mm512_set1_epi32(load_i32(ag + t * ldx + 32 * st + 4 * c));
+            ia[0][st][t] = _mm512_dpbusd_epi32(ia[0][st][t], w0, a);
+            ia[1][st][t] = _mm512_dpbusd_epi32(ia[1][st][t], w1, a);
+          }
         }
       }
-      const float* dp = h == 0 ? d0p : d1p;
+      const float* dp = (h == 0 ? T.d0.data() : T.d1.data()) + g * kTileRows;
       const __m512 dw0 = _mm512_loadu_ps(dp), dw1 = _mm512_loadu_ps(dp + 16);
       for (int t = 0; t < NT; ++t) {
         const AMeta& a = am[t * G + g];
-        const __m512 da = _mm512_set1_ps(a.d);
-        if (bias) {
-          const int32_t qs = kSplit ? (h == 0 ? a.lo : a.hi) : a.lo + a.hi;
-          const __m512i corr = _mm512_set1_epi32(bias * qs);
-          ia[0][t] = _mm512_sub_epi32(ia[0][t], corr);
-          ia[1][t] = _mm512_sub_epi32(ia[1][t], corr);
+        for (int st = 0; st < 2; ++st) {
+          const __m512 da = _mm512_set1_ps(a.d[st]);
+          if (bias) {
+            const int32_t qs = kSplit ? (h == 0 ? a.lo[st] : a.hi[st]) : a.lo[st] + a.hi[st];
+            const __m512i corr = _mm512_set1_epi32(bias * qs);
+            ia[0][st][t] = _mm512_sub_epi32(ia[0][st][t], corr);
+            ia[1][st][t] = _mm512_sub_epi32(ia[1][st][t], corr);
+          }
+          fa[0][t] = _mm512_fmadd_ps(_mm512_mul_ps(dw0, da), _mm512_maskz_cvtepi32_ps(__mmask16(0xFFFF), ia[0][st][t]),
+                                     fa[0][t]);
+          fa[1][t] = _mm512_fmadd_ps(_mm512_mul_ps(dw1, da), _mm512_maskz_cvtepi32_ps(__mmask16(0xFFFF), ia[1][st][t]),
+                                     fa[1][t]);
         }
-        fa[0][t] = _mm512_fmadd_ps(_mm512_mul_ps(dw0, da), _mm512_maskz_cvtepi32_ps(__mmask16(0xFFFF), ia[0][t]), fa[0][t]);
-        fa[1][t] = _mm512_fmadd_ps(_mm512_mul_ps(dw1, da), _mm512_maskz_cvtepi32_ps(__mmask16(0xFFFF), ia[1][t]), fa[1][t]);
       }
     }
     if (kOffset) {
-      const __m512 m0 = _mm512_loadu_ps(T.m.data() + g * kTileRows), m1 = _mm512_loadu_ps(T.m.data() + g * kTileRows + 16);
+      const __m512 m0 = _mm512_loadu_ps(T.m.data() + g * kTileRows);
+      const __m512 m1 = _mm512_loadu_ps(T.m.data() + g * kTileRows + 16);
       for (int t = 0; t < NT; ++t) {
         const __m512 s = _mm512_set1_ps(am[t * G + g].s);
         fa[0][t] = _mm512_fmadd_ps(m0, s, fa[0][t]);
@@ -349,8 +398,8 @@ TP_VNNI_TARGET void kernel_vnni(const Tile& T, int64_t G, const int8_t* xq, int6
 // 16 rows (two ymm) of the tile starting at row rb; Q8_0 (bias 128) uses the sign trick because
 // vpmaddubsw would saturate on 255 * 127 * 2; its integer sums are the same exact values.
 template <class B, int NT>
-TP_AVX2_TARGET void kernel_avx2_half(const Tile& T, int64_t G, const int8_t* xq, int64_t K, const AMeta* am, float* out,
-                                     int64_t ldo, int rb, int nr) {
+TP_AVX2_TARGET void kernel_avx2_half(const Tile& T, int64_t G, const int8_t* xq, int64_t ldx, const AMeta* am,
+                                     float* out, int64_t ldo, int rb, int nr) {
   constexpr bool kSplit = Unpack<B>::kSplit, kOffset = Unpack<B>::kOffset;
   constexpr int bias = bias_of<B>();
   constexpr bool kSignTrick = bias == 128;
@@ -360,27 +409,30 @@ TP_AVX2_TARGET void kernel_avx2_half(const Tile& T, int64_t G, const int8_t* xq,
     for (int t = 0; t < NT; ++t) fa[v][t] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = T.q.data() + g * kGroupBytes + rb * 4;
-    const int8_t* ag = xq + 32 * g;
+    const int8_t* ag = xq + kActBytes * g;
     for (int h = 0; h < (kSplit ? 2 : 1); ++h) {
-      __m256i ia[2][NT];
+      __m256i ia[2][2][NT];
       for (int v = 0; v < 2; ++v)
-        for (int t = 0; t < NT; ++t) ia[v][t] = _mm256_setzero_si256();
+        for (int st = 0; st < 2; ++st)
+          for (int t = 0; t < NT; ++t) ia[v][st][t] = _mm256_setzero_si256();
       const int c0 = kSplit ? 4 * h : 0, c1 = kSplit ? 4 * h + 4 : 8;
       for (int c = c0; c < c1; ++c) {
         __m256i w[2];
         w[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 4 * kTileRows));
         w[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 4 * kTileRows + 32));
         for (int t = 0; t < NT; ++t) {
-          const __m256i a = _mm256_set1_epi32(load_i32(ag + t * K + 4 * c));
-          for (int v = 0; v < 2; ++v) {
-            __m256i p;
-            if (kSignTrick) {
-              const __m256i ws = _mm256_xor_si256(w[v], flip);
-              p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(a, ws));
-            } else {
-              p = _mm256_maddubs_epi16(w[v], a);
+          for (int st = 0; st < 2; ++st) {
+            const __m256i a = _mm256_set1_epi32(load_i32(ag + t * ldx + 32 * st + 4 * c));
+            for (int v = 0; v < 2; ++v) {
+              __m256i p;
+              if (kSignTrick) {
+                const __m256i ws = _mm256_xor_si256(w[v], flip);
+                p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(a, ws));
+              } else {
+                p = _mm256_maddubs_epi16(w[v], a);
+              }
+              ia[v][st][t] = _mm256_add_epi32(ia[v][st][t], _mm256_madd_epi16(p, ones));
             }
-            ia[v][t] = _mm256_add_epi32(ia[v][t], _mm256_madd_epi16(p, ones));
           }
         }
       }
@@ -388,13 +440,15 @@ TP_AVX2_TARGET void kernel_avx2_half(const Tile& T, int64_t G, const int8_t* xq,
       const __m256 dw[2] = {_mm256_loadu_ps(dp), _mm256_loadu_ps(dp + 8)};
       for (int t = 0; t < NT; ++t) {
         const AMeta& a = am[t * G + g];
-        const __m256 da = _mm256_set1_ps(a.d);
-        for (int v = 0; v < 2; ++v) {
-          if (bias && !kSignTrick) {
-            const int32_t qs = kSplit ? (h == 0 ? a.lo : a.hi) : a.lo + a.hi;
-            ia[v][t] = _mm256_sub_epi32(ia[v][t], _mm256_set1_epi32(bias * qs));
+        for (int st = 0; st < 2; ++st) {
+          const __m256 da = _mm256_set1_ps(a.d[st]);
+          for (int v = 0; v < 2; ++v) {
+            if (bias && !kSignTrick) {
+              const int32_t qs = kSplit ? (h == 0 ? a.lo[st] : a.hi[st]) : a.lo[st] + a.hi[st];
+              ia[v][st][t] = _mm256_sub_epi32(ia[v][st][t], _mm256_set1_epi32(bias * qs));
+            }
+            fa[v][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw[v], da), _mm256_cvtepi32_ps(ia[v][st][t]), fa[v][t]);
           }
-          fa[v][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw[v], da), _mm256_cvtepi32_ps(ia[v][t]), fa[v][t]);
         }
       }
     }
@@ -416,10 +470,10 @@ TP_AVX2_TARGET void kernel_avx2_half(const Tile& T, int64_t G, const int8_t* xq,
 }
 
 template <class B, int NT>
-void kernel_avx2(const Tile& T, int64_t G, const int8_t* xq, int64_t K, const AMeta* am, float* out, int64_t ldo,
+void kernel_avx2(const Tile& T, int64_t G, const int8_t* xq, int64_t ldx, const AMeta* am, float* out, int64_t ldo,
                  int nr) {
-  kernel_avx2_half<B, NT>(T, G, xq, K, am, out, ldo, 0, nr);
-  if (nr > 16) kernel_avx2_half<B, NT>(T, G, xq, K, am, out, ldo, 16, nr);
+  kernel_avx2_half<B, NT>(T, G, xq, ldx, am, out, ldo, 0, nr);
+  if (nr > 16) kernel_avx2_half<B, NT>(T, G, xq, ldx, am, out, ldo, 16, nr);
 }
 #endif
 
@@ -448,7 +502,8 @@ void matmul_int8(ThreadPool& pool, float* out, const Tensor& w, const float* in,
   // 1. Quantize the activations, one token row per work item.
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<AMeta> meta;
-  if (int64_t(xq.size()) < n_tok * K) xq.resize(size_t(n_tok * K));
+  const int64_t ldx = G * kActBytes;
+  if (int64_t(xq.size()) < n_tok * ldx) xq.resize(size_t(n_tok * ldx));
   if (int64_t(meta.size()) < n_tok * G) meta.resize(size_t(n_tok * G));
   int8_t* xqp = xq.data();
   AMeta* mp = meta.data();
@@ -456,11 +511,11 @@ void matmul_int8(ThreadPool& pool, float* out, const Tensor& w, const float* in,
     for (int64_t t = b; t < e; ++t) {
 #if TP_X86
       if (isa == kAvx512Vnni) {
-        quantize_row_avx512(in + t * K, K, xqp + t * K, mp + t * G);
+        quantize_row_avx512(in + t * K, K, xqp + t * ldx, mp + t * G);
         continue;
       }
 #endif
-      quantize_row_scalar(in + t * K, K, xqp + t * K, mp + t * G);
+      quantize_row_scalar(in + t * K, K, xqp + t * ldx, mp + t * G);
     }
   });
 
@@ -475,8 +530,8 @@ void matmul_int8(ThreadPool& pool, float* out, const Tensor& w, const float* in,
       decode_tile<B>(w, r0, nr, G, tile);
       int64_t t = 0;
       for (; t + kTokBlk <= n_tok; t += kTokBlk)
-        ks.fn[kTokBlk - 1](tile, G, xqp + t * K, K, mp + t * G, out + t * N + r0, N, nr);
-      if (t < n_tok) ks.fn[n_tok - t - 1](tile, G, xqp + t * K, K, mp + t * G, out + t * N + r0, N, nr);
+        ks.fn[kTokBlk - 1](tile, G, xqp + t * ldx, ldx, mp + t * G, out + t * N + r0, N, nr);
+      if (t < n_tok) ks.fn[n_tok - t - 1](tile, G, xqp + t * ldx, ldx, mp + t * G, out + t * N + r0, N, nr);
     }
   });
 }

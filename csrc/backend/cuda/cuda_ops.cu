@@ -338,6 +338,7 @@ class CudaOps final : public Ops {
   }
 
   void kv_to_host(int layer, float* k, float* v, int64_t n_pos) override {
+    if (n_pos <= 0) return;  // nothing cached yet (kv_digest of a fresh engine)
     check_kv(layer, n_pos, "kv_to_host");
     set_device();
     std::vector<uint16_t> tmp(size_t(n_pos * kv_dim_));

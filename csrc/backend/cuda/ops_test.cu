@@ -5,21 +5,14 @@
 // (uploads, weight lookup, KV cache, events, send) is what runs, not a bare kernel — copies the inputs in,
 // NaN-fills the outputs so an element a kernel forgets fails the comparison, runs the op, and copies the
 // result back with Ops::to_host. Layouts are those of backend/ops.h. Errors become a tp_status with
-// tp_last_error() set, as in api.cpp.
+// tp_last_error() set through the helpers common.h declares.
 #include <cuda_runtime.h>
 
 #include <memory>
-#include <string>
 
 #include "backend/cuda/cuda_ops.h"
 #include "common.h"
 #include "include/turboprefill.h"
-
-namespace tp {
-// Defined in csrc/api.cpp: the thread-local last-error message and the exception -> status mapping.
-void set_last_error(const std::string& msg);
-tp_status status_from_current_exception();
-}  // namespace tp
 
 namespace {
 
