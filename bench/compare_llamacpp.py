@@ -46,7 +46,8 @@ def main() -> int:
     lc = llama_cpp()
     meta = {**machine_info(), "llama_cpp_python": getattr(lc, "__version__", "?")}
     rows = []
-    print(f"| model | tokens | threads | ours tok/s | llama.cpp tok/s | ours / llama.cpp |\n|---|---:|---:|---:|---:|---:|")
+    print("| model | tokens | threads | ours tok/s | llama.cpp tok/s | ours / llama.cpp |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in a.models:
         path = str(resolve_model(name))
         for ctx in [int(x) for x in a.ctx.split(",")]:
@@ -55,19 +56,26 @@ def main() -> int:
                 llm = lc.Llama(path, n_ctx=ctx, n_batch=a.ubatch, n_ubatch=a.ubatch, n_threads=th,
                                n_threads_batch=th, logits_all=False, verbose=False)
                 toks = np.random.default_rng(ctx).integers(0, eng.config["n_vocab"], ctx).tolist()
-                eng.prefill(toks[:32]); eng.reset()  # warm-up both
-                llm.reset(); llm.eval(toks[:32])
+                eng.prefill(toks[:32])  # warm-up both
+                eng.reset()
+                llm.reset()
+                llm.eval(toks[:32])
                 ours, theirs = [], []
                 for _ in range(a.repeat):
                     eng.reset()
-                    t = time.perf_counter(); eng.prefill(toks); ours.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    eng.prefill(toks)
+                    ours.append(time.perf_counter() - t)
                     llm.reset()
-                    t = time.perf_counter(); llm.eval(toks); theirs.append(time.perf_counter() - t)
-                o, l = ctx / min(ours), ctx / min(theirs)
-                row = {"model": Path(path).name, "tokens": ctx, "threads": th, "ours_tok_s": o, "llama_cpp_tok_s": l,
-                       "ratio": o / l, "meta": meta}
+                    t = time.perf_counter()
+                    llm.eval(toks)
+                    theirs.append(time.perf_counter() - t)
+                o, lc_tps = ctx / min(ours), ctx / min(theirs)
+                row = {"model": Path(path).name, "tokens": ctx, "threads": th, "ours_tok_s": o,
+                       "llama_cpp_tok_s": lc_tps,
+                       "ratio": o / lc_tps, "meta": meta}
                 rows.append(row)
-                print(f"| {Path(path).name} | {ctx} | {th} | {o:.1f} | {l:.1f} | {o / l:.2f} |", flush=True)
+                print(f"| {Path(path).name} | {ctx} | {th} | {o:.1f} | {lc_tps:.1f} | {o / lc_tps:.2f} |", flush=True)
                 eng.close()
                 del llm
     if a.out:

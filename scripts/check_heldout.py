@@ -14,10 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from realmodel_check import compare, load_prompts, passes  # noqa: E402
-
 from turboprefill import Engine  # noqa: E402
 from turboprefill.models import find_model  # noqa: E402
+
+from realmodel_check import compare, load_prompts, passes  # noqa: E402
 
 
 def main() -> int:

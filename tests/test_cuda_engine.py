@@ -20,9 +20,11 @@ import functools
 
 import numpy as np
 import pytest
+
+from turboprefill import DeviceError, Engine, UnsupportedError, cuda_devices
+
 from conftest import SYNTHETIC
 from reference import load_reference_model
-from turboprefill import DeviceError, Engine, UnsupportedError, cuda_devices
 
 FLOAT_REL_TOL = 4e-3
 QUANT_REL_TOL = 5e-2

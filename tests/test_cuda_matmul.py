@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import turboprefill
-import turboprefill._native as native
 from test_unpack import (
     INT8_ERR_RATIO,
     INT8_TYPES,
@@ -31,6 +29,9 @@ from test_unpack import (
     make_weights,
     quantize_act_np,
 )
+
+import turboprefill
+import turboprefill._native as native
 from turboprefill._native import check
 from turboprefill.errors import DeviceError, UnsupportedError
 from turboprefill.quant import GGMLType, dequantize, type_traits

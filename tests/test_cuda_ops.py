@@ -27,6 +27,7 @@ from pathlib import Path
 import cffi
 import numpy as np
 import pytest
+
 from turboprefill import DeviceError, UnsupportedError, cuda_devices
 
 _REPO = Path(__file__).resolve().parent.parent

@@ -16,6 +16,7 @@ import time
 import gguf
 import numpy as np
 import pytest
+
 from turboprefill.errors import FormatError, UnsupportedError
 from turboprefill.ggufinfo import describe_gguf
 

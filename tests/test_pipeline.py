@@ -11,10 +11,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SYNTHETIC
 
 from turboprefill import CancelledError, Engine, TurboPrefillError
 from turboprefill._native import ffi, lib
+
+from conftest import SYNTHETIC
 
 
 def prompt(n: int, n_vocab: int, seed: int = 2) -> list[int]:

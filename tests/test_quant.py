@@ -15,6 +15,7 @@ import os
 import gguf
 import numpy as np
 import pytest
+
 from turboprefill._native import ffi, lib
 from turboprefill.errors import UnsupportedError
 from turboprefill.quant import GGMLType, dequantize, quantize, type_traits

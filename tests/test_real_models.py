@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from realmodel_check import compare, load_prompts, passes
 
 from turboprefill import Engine
+
+from realmodel_check import compare, load_prompts, passes
 
 
 @pytest.fixture(scope="module")

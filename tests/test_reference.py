@@ -19,9 +19,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ is not a package
 
+from turboprefill.writer import tensor_type, use_more_bits, write_model
+
 import reference
 from reference import RefModel, load_reference_model
-from turboprefill.writer import tensor_type, use_more_bits, write_model
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import pytest
+
 from turboprefill.tokenizer import Tokenizer
 
 REAL_MODELS = {"smollm2": "smollm2_path", "gemma3-270m": "gemma3_path"}

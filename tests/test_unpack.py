@@ -19,6 +19,7 @@ import cffi
 import gguf
 import numpy as np
 import pytest
+
 from turboprefill._native import _lib_path, check
 from turboprefill.errors import UnsupportedError
 from turboprefill.quant import GGMLType, dequantize, quantize, type_traits
