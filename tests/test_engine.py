@@ -1,13 +1,13 @@
 """The engine's forward pass against the float64 numpy reference, and its sequence API and errors.
 
-The CPU engine quantizes activations in two int8 stages (x ≈ d1·q1 + d2·q2, the second quantizing the
-residual; csrc/backend/cpu/matmul.cpp) for quantized-weight matmuls, so against the float64 reference
-its error is that of this quantization plus f32 rounding: measured max |Δlogit| / max |logit| =
-3.2–7.2e-5 on these q4_k_m models and quant types, 0.79–1.48× the error of the same two-stage
-quantization applied in numpy to the f64 reference (tests/test_cpu_kernels.py's quantize_two_stage_np
-before every quantized matmul); F32/F16/BF16 weights keep an f32 path at 2.7–3.4e-7. REL_TOL = 1.5e-4 is 2×
-the largest error measured and far below what a real bug does (measured on these models: no RoPE
-0.26–0.50, one RMSNorm left out 0.10–0.31).
+The CPU engine quantizes activations in two int8 stages for quantized-weight matmuls (x ≈ d·(128·q1 + q2),
+q2 quantizing the residual of q1; csrc/backend/cpu/matmul.cpp), so against the float64 reference its
+error is that of this quantization plus f32 rounding: measured max |Δlogit| / max |logit| = 0.74–1.45e-4
+on these q4_k_m models and quant types, 0.57–1.37× the error of the same two-stage quantization applied in
+numpy to the f64 reference (tests/test_cpu_kernels.py's quantize_two_stage_np before every quantized
+matmul); F32/F16/BF16 weights keep an f32 path at 2.7–3.4e-7. REL_TOL = 3e-4 is 2× the largest error
+measured and far below what a real bug does (measured on these models: no RoPE 0.26–0.50, one RMSNorm
+left out 0.10–0.31).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from reference import load_reference_model
 
 from turboprefill import ContextOverflowError, Engine, FormatError, UnsupportedError
 
-REL_TOL = 1.5e-4  # 2 × the largest measured error of the two-stage int8 path (7.2e-5); bugs measure ≥ 0.1
+REL_TOL = 3e-4  # 2 × the largest measured error of the two-stage int8 path (1.45e-4); bugs measure ≥ 0.1
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

@@ -34,7 +34,7 @@ struct RowState {
 // NR rows with the same key window against one key tile (keys tb .. tb + kKeyTile - 1, transposed in
 // kt[d][jj]); valid keys [ja, jb] ⊆ the tile. The rows share every K/V load; each row's arithmetic is exactly
 // the single-row sequence. acc[r]: hd floats.
-template <int NR>
+template <int NR, int NV>
 __attribute__((always_inline)) inline void rows_tile(const float* const* q, const float* kt, const float* V,
                                                      int64_t kv_stride, int64_t hd, int64_t tb, int64_t ja,
                                                      int64_t jb, float scale, RowState* st, float* const* acc) {
@@ -43,7 +43,7 @@ __attribute__((always_inline)) inline void rows_tile(const float* const* q, cons
     for (int v = 0; v < kKV; ++v) s[r][v] = v16f{};
   for (int64_t d = 0; d < hd; ++d) {
     v16f kv[kKV];
-    for (int v = 0; v < kKV; ++v) memcpy(&kv[v], kt + d * kKeyTile + v * kL, sizeof(v16f));
+    for (int v = 0; v < kKV; ++v) kv[v] = ld16(kt + d * kKeyTile + v * kL);
     for (int r = 0; r < NR; ++r) {
       const float qd = q[r][d];
       for (int v = 0; v < kKV; ++v) s[r][v] += qd * kv[v];
@@ -55,43 +55,38 @@ __attribute__((always_inline)) inline void rows_tile(const float* const* q, cons
   for (int r = 0; r < NR; ++r) {
     float sc[kKeyTile];
     for (int v = 0; v < kKV; ++v) {
-      const v16f sv = s[r][v] * scale;
-      memcpy(sc + v * kL, &sv, sizeof(v16f));
+      st16(sc + v * kL, s[r][v] * scale);
     }
     float mb = -INFINITY;
     for (int j = j_lo; j <= j_hi; ++j) mb = sc[j] > mb ? sc[j] : mb;
     const float m_new = mb > st[r].m ? mb : st[r].m;
     corr[r] = std::exp(st[r].m - m_new);  // exp(-inf) = 0 on the row's first tile
     for (int v = 0; v < kKV; ++v) {
-      v16f x;
-      memcpy(&x, sc + v * kL, sizeof(v16f));
-      const v16f e = vexp(x - m_new);
-      memcpy(p[r] + v * kL, &e, sizeof(v16f));
+      st16(p[r] + v * kL, vexp(ld16(sc + v * kL) - m_new));
     }
     float l = st[r].l * corr[r];
     for (int j = j_lo; j <= j_hi; ++j) l += p[r][j];
     st[r].l = l;
     st[r].m = m_new;
   }
-  for (int64_t d0 = 0; d0 < hd; d0 += 4 * kL) {
-    const int nv = int((hd - d0) / kL < 4 ? (hd - d0) / kL : 4);
-    v16f a[NR][4];
+  for (int64_t d0 = 0; d0 < hd; d0 += NV * kL) {
+    constexpr int nv = NV;
+    v16f a[NR][NV];
     for (int r = 0; r < NR; ++r)
       for (int c = 0; c < nv; ++c) {
-        memcpy(&a[r][c], acc[r] + d0 + c * kL, sizeof(v16f));
-        a[r][c] *= corr[r];
+        a[r][c] = ld16(acc[r] + d0 + c * kL) * corr[r];
       }
     for (int j = j_lo; j <= j_hi; ++j) {
       const float* vr = V + (tb + j) * kv_stride + d0;
-      v16f vv[4];
-      for (int c = 0; c < nv; ++c) memcpy(&vv[c], vr + c * kL, sizeof(v16f));
+      v16f vv[NV];
+      for (int c = 0; c < nv; ++c) vv[c] = ld16(vr + c * kL);
       for (int r = 0; r < NR; ++r) {
         const float pj = p[r][j];
         for (int c = 0; c < nv; ++c) a[r][c] += pj * vv[c];
       }
     }
     for (int r = 0; r < NR; ++r)
-      for (int c = 0; c < nv; ++c) memcpy(acc[r] + d0 + c * kL, &a[r][c], sizeof(v16f));
+      for (int c = 0; c < nv; ++c) st16(acc[r] + d0 + c * kL, a[r][c]);
   }
 }
 
@@ -99,11 +94,17 @@ __attribute__((always_inline)) inline void rows_tile(const float* const* q, cons
 TP_CPU_CLONES void rows_tile_n(int nr, const float* const* q, const float* kt, const float* V, int64_t kv_stride,
                                int64_t hd, int64_t tb, int64_t ja, int64_t jb, float scale, RowState* st,
                                float* const* acc) {
-  switch (nr) {
-    case 4: rows_tile<4>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
-    case 3: rows_tile<3>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
-    case 2: rows_tile<2>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
-    default: rows_tile<1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+  // Output dims in chunks of 64 (4 vectors) when the head dim allows, else of 16.
+  const bool by4 = hd % (4 * kL) == 0;
+  switch (nr * 2 + (by4 ? 1 : 0)) {
+    case 9: rows_tile<4, 4>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 8: rows_tile<4, 1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 7: rows_tile<3, 4>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 6: rows_tile<3, 1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 5: rows_tile<2, 4>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 4: rows_tile<2, 1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 3: rows_tile<1, 4>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    default: rows_tile<1, 1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
   }
 }
 
@@ -168,30 +169,43 @@ void cpu_attention(ThreadPool& pool, float* out, const float* q, const float* K,
           const float* kr = Kh + (tb + jj) * kv_stride;
           for (int64_t d = 0; d < hd; ++d) kt[size_t(d * kKeyTile + jj)] = kr[d];
         }
+        // Rows whose window within this tile is the same (all of them on interior tiles) go through
+        // rows_tile_n four at a time, across the heads of a token and across tokens.
+        const float* qs[4];
+        float* as[4];
+        RowState* ss[4];
+        RowState sbuf[4];
+        int n_pend = 0;
+        int64_t pend_ja = -1, pend_jb = -1;
+        auto flush = [&]() {
+          if (n_pend == 0) return;
+          for (int k = 0; k < n_pend; ++k) sbuf[k] = *ss[k];
+          rows_tile_n(n_pend, qs, kt.data(), Vh, kv_stride, hd, tb, pend_ja, pend_jb, p.kq_scale, sbuf, as);
+          for (int k = 0; k < n_pend; ++k) *ss[k] = sbuf[k];
+          n_pend = 0;
+        };
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t pos = pos0 + i, j0 = first_key(pos);
           const int64_t ja = j0 > tb ? j0 : tb, jb = pos < te ? pos : te;
           if (ja > jb) continue;
-          if (vec) {
-            for (int64_t g0 = 0; g0 < group; g0 += 4) {
-              const int nr = int(group - g0 < 4 ? group - g0 : 4);
-              const float* qs[4];
-              float* as[4];
-              const int64_t r0 = (i - i0) * group + g0;
-              for (int k = 0; k < nr; ++k) {
-                qs[k] = q + i * q_stride + (kvh * group + g0 + k) * hd;
-                as[k] = acc.data() + (r0 + k) * hd;
-              }
-              rows_tile_n(nr, qs, kt.data(), Vh, kv_stride, hd, tb, ja, jb, p.kq_scale, st.data() + r0, as);
-            }
-            continue;
-          }
           for (int64_t g = 0; g < group; ++g) {
             const int64_t h = kvh * group + g, r = (i - i0) * group + g;
-            row_tile_scalar(q + i * q_stride + h * hd, kt.data(), Vh, kv_stride, hd, tb, ja, jb, p.kq_scale,
-                            st[size_t(r)], acc.data() + r * hd);
+            const float* qr = q + i * q_stride + h * hd;
+            if (!vec) {
+              row_tile_scalar(qr, kt.data(), Vh, kv_stride, hd, tb, ja, jb, p.kq_scale, st[size_t(r)],
+                              acc.data() + r * hd);
+              continue;
+            }
+            if (n_pend == 4 || (n_pend > 0 && (ja != pend_ja || jb != pend_jb))) flush();
+            pend_ja = ja;
+            pend_jb = jb;
+            qs[n_pend] = qr;
+            as[n_pend] = acc.data() + r * hd;
+            ss[n_pend] = &st[size_t(r)];
+            ++n_pend;
           }
         }
+        flush();
       }
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t g = 0; g < group; ++g) {

@@ -99,13 +99,16 @@ class CpuOps final : public Ops {
 
   void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0, const RopeParams& p) override {
     const int64_t half = p.n_rot / 2;
+    // Per-op: the frequency powers once; per position: cos/sin once, shared by every head.
+    std::vector<double> pw(size_t(half > 0 ? half : 1));
+    for (int64_t k = 0; k < half; ++k) pw[size_t(k)] = std::pow(double(p.base), -2.0 * double(k) / double(p.n_rot));
     pool_.parallel_for(n_tok, 1, [&](int64_t b, int64_t e, int) {
       thread_local std::vector<float> cs;
       if (int64_t(cs.size()) < 2 * half) cs.resize(size_t(2 * half));
       for (int64_t i = b; i < e; ++i) {
         const double pos = double(pos0 + i);
         for (int64_t k = 0; k < half; ++k) {
-          double theta = double(p.freq_scale) * pos * std::pow(double(p.base), -2.0 * double(k) / double(p.n_rot));
+          double theta = double(p.freq_scale) * pos * pw[size_t(k)];
           if (p.freq_factors) theta /= double(p.freq_factors[k]);
           cs[size_t(2 * k)] = float(std::cos(theta));
           cs[size_t(2 * k + 1)] = float(std::sin(theta));

@@ -1,8 +1,10 @@
 // kernels.h — CPU kernels behind CpuOps, one function per op family, each parallel over a ThreadPool.
 //
-// SIMD: the inner loops use GCC/Clang generic vectors and are compiled once per instruction set with
-// target_clones, so the dynamic loader picks AVX-512, AVX2+FMA or baseline x86-64 on the machine that
-// runs the wheel (no -march at build time). Non-x86 builds compile the portable version only.
+// SIMD: the float loops (f32 matmul, attention, GLU) use GCC/Clang generic vectors compiled once per
+// instruction set with target_clones, so the dynamic loader picks AVX-512, AVX2+FMA or baseline x86-64 on
+// the machine that runs the wheel (no -march at build time); the int8 matmul kernels (matmul.cpp) are
+// intrinsics under __attribute__((target)) chosen at run time with __builtin_cpu_supports (AVX-512 VNNI,
+// AVX2, scalar). Non-x86 builds compile the portable versions only.
 #pragma once
 
 #include <cstdint>
@@ -22,13 +24,21 @@ namespace tp {
 // ---- generic-vector math shared by the kernels (compiled into each target_clones variant) -------------
 
 // vexp returns a 64-byte vector: always inlined, so the ABI note GCC gives for non-AVX-512 callers is moot.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v16fu __attribute__((vector_size(64), aligned(4), may_alias));
+
+// Unaligned 16-float load/store as plain vector moves (memcpy loops can be turned into library calls).
+__attribute__((always_inline)) inline v16f ld16(const float* p) { return *reinterpret_cast<const v16fu*>(p); }
+__attribute__((always_inline)) inline void st16(float* p, v16f v) { *reinterpret_cast<v16fu*>(p) = v; }
 
 // e^x, 16 lanes: x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by a degree-6 polynomial, 2^n through the
-// exponent bits. Relative error ≈ 1e-7 (tests/test_cpu_kernels.py::test_vexp
-// measures it against f64); inputs below -87.3 give 0, above 88.7 are clamped (no inf).
+// exponent bits (Cephes' expf polynomial, ~2 ulp); attention and GLU results that use it are checked
+// against f64 in tests/test_cpu_kernels.py and tests/test_engine.py. Inputs below -87.3 give 0; above
+// 88.7 they are clamped (no inf).
 __attribute__((always_inline)) inline v16f vexp(v16f x) {
   const v16f hi_c = v16f{} + 88.7f, lo_c = v16f{} - 87.3f;
   v16f xc = x > hi_c ? hi_c : x;
@@ -56,11 +66,13 @@ __attribute__((always_inline)) inline v16f vexp(v16f x) {
   return res;
 }
 
-// out[t][r] = sum_k W[r][k] * in[t][k]; weights decoded block by block into a per-thread row tile.
+// out[t][r] = sum_k W[r][k] * in[t][k]: two-stage int8 activations × int8 weight tiles for the quantized
+// types, f32 for F32/F16/BF16 (matmul.cpp); each (row, token) in a fixed order.
 void cpu_matmul(ThreadPool& pool, float* out, const Tensor& w, const float* in, int64_t n_tok);
 
-// Causal (optionally sliding-window) attention with an online softmax over key tiles; never materializes
-// the score matrix. K and V hold kv_dim floats per position for positions 0 .. pos0 + n_tok - 1.
+// Causal (optionally sliding-window) attention, flash style: query blocks of one KV head against key
+// tiles with an online softmax; never materializes the score matrix. K and V hold kv_dim floats per
+// position for positions 0 .. pos0 + n_tok - 1.
 void cpu_attention(ThreadPool& pool, float* out, const float* q, const float* K, const float* V, int64_t pos0,
                    int64_t n_tok, const AttnParams& p);
 
