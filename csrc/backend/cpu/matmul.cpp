@@ -33,7 +33,7 @@
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// GCC 12 flags the _mm512_undefined_* placeholders inside its own intrinsics as maybe-uninitialized.
+// GCC 12 flags the _mm512_undefined_* values inside its own intrinsics as maybe-uninitialized.
 #if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
