@@ -12,6 +12,8 @@ left out 0.10–0.31).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import SYNTHETIC
@@ -197,3 +199,16 @@ def test_truncated_model_file(synthetic_model, tmp_path):
         p.write_bytes(data[:cut])
         with pytest.raises(FormatError):
             Engine(p)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads MemAvailable from /proc/meminfo")
+def test_kv_cache_larger_than_memory_is_a_clear_error(synthetic_model):
+    """Refused before allocating (with overcommit, a too-large cache would otherwise meet the OOM killer)."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024
+    path = synthetic_model("llama256")  # 4 layers × K and V × 128 floats = 4 KiB per position
+    n = int(2 * avail / 4096) + 1
+    eng = Engine(path, n_ctx=n)
+    with pytest.raises(MemoryError, match="KV cache for .* positions needs .* MiB more"):
+        eng.prefill(np.zeros(n, dtype=np.int32))
+    assert eng.prefill([1, 2, 3]).logits.shape == (200,)  # still usable

@@ -3,13 +3,16 @@
 // Numerics follow ggml's CPU backend where it matters for matching llama.cpp (RMSNorm sums squares in
 // double, then scales in f32) and are exact elsewhere (RoPE angles in double, GELU-tanh evaluated, not
 // tabulated). The KV cache is f32, one [n_pos, kv_dim] K and V array per stage-local layer.
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <list>
 #include <new>
 #include <vector>
 
 #include "backend/cpu/kernels.h"
+#include "common.h"
 #include "quant/blocks.h"
 
 namespace tp {
@@ -36,6 +39,18 @@ TP_CPU_CLONES void glu_range(float* out, const float* gate, const float* up, int
   }
 }
 
+// MemAvailable from /proc/meminfo in MiB, or -1 where it cannot be read.
+double available_memory_mib() {
+  FILE* f = std::fopen("/proc/meminfo", "r");
+  if (!f) return -1;
+  char line[256];
+  double kib = -1;
+  while (std::fgets(line, sizeof(line), f))
+    if (std::sscanf(line, "MemAvailable: %lf kB", &kib) == 1) break;
+  std::fclose(f);
+  return kib < 0 ? -1 : kib / 1024.0;
+}
+
 class CpuOps final : public Ops {
  public:
   explicit CpuOps(int n_threads) : pool_(n_threads) {}
@@ -52,11 +67,23 @@ class CpuOps final : public Ops {
     }
     kv_dim_ = kv_dim;
     const size_t need = size_t(n_pos * kv_dim);
+    if (n_layers == 0 || k_[0].size() >= need) return;
+    // Grow geometrically so that one-token prefills (generation) do not copy the cache every time.
+    const size_t cap = k_[0].capacity() >= need ? k_[0].capacity()
+                                                : std::max(need, k_[0].capacity() + k_[0].capacity() / 2);
+    const double add_mib = double(cap - k_[0].capacity()) * sizeof(float) * 2.0 * double(n_layers) / (1 << 20);
+    const double avail_mib = available_memory_mib();
+    // Checked up front: with overcommit a too-large vector is only discovered by the OOM killer.
+    if (avail_mib >= 0 && add_mib > avail_mib)
+      fail(TP_ERR_OUT_OF_MEMORY,
+           "KV cache for %lld positions needs %.0f MiB more but only %.0f MiB of memory is available; use a "
+           "shorter prompt or a smaller n_ctx, or split the layers over more stages",
+           (long long)n_pos, add_mib, avail_mib);
     for (int64_t l = 0; l < n_layers; ++l) {
-      if (k_[size_t(l)].size() < need) {
-        k_[size_t(l)].resize(need);
-        v_[size_t(l)].resize(need);
-      }
+      k_[size_t(l)].reserve(cap);
+      v_[size_t(l)].reserve(cap);
+      k_[size_t(l)].resize(need);
+      v_[size_t(l)].resize(need);
     }
   }
 
