@@ -28,6 +28,7 @@ from test_unpack import (
     random_blocks,
     unpack_groups,
 )
+
 from turboprefill._native import _lib_path, check
 from turboprefill.quant import GGMLType, type_traits
 

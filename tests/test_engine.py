@@ -16,10 +16,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import SYNTHETIC
-from reference import load_reference_model
 
 from turboprefill import ContextOverflowError, Engine, FormatError, UnsupportedError
+
+from conftest import SYNTHETIC
+from reference import load_reference_model
 
 REL_TOL = 3e-4  # 2 × the largest measured error of the two-stage int8 path (1.45e-4); bugs measure ≥ 0.1
 
