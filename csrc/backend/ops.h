@@ -7,6 +7,7 @@
 // stage-local layer number, because its layout is the backend's business.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 
@@ -78,6 +79,18 @@ class Ops {
   virtual void event_destroy(void* ev) {}
   virtual void event_record(void* ev) {}
   virtual void event_wait(void* ev) {}
+  // --- step timing for the trace. A timer marks a point in this backend's work order (by default the host
+  // clock when the call is made; on cuda an event on the stream, so it times GPU work, not enqueueing);
+  // timer_seconds(a, b) is the time from mark a to mark b, read after the work (it may wait for it).
+  virtual void* timer_create() { return new double(0.0); }
+  virtual void timer_destroy(void* t) { delete static_cast<double*>(t); }
+  virtual void timer_record(void* t) {
+    *static_cast<double*>(t) =
+        std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  virtual double timer_seconds(void* from, void* to) {
+    return *static_cast<double*>(to) - *static_cast<double*>(from);
+  }
   // Copy of the KV cache of stage-local `layer`, positions [0, n_pos), to host memory ([n_pos, kv_dim] each).
   virtual void kv_to_host(int layer, float* k, float* v, int64_t n_pos) = 0;
 };

@@ -12,6 +12,32 @@ namespace tp {
 
 namespace {
 
+// The timers of one stage's steps, released on every path (including a stage error).
+struct StepTimers {
+  Ops& ops;
+  void* origin = nullptr;
+  struct Step {
+    int64_t ubatch, n_tok;
+    void* start;
+    void* end;
+  };
+  std::vector<Step> steps;
+
+  explicit StepTimers(Ops& o) : ops(o) {}
+  ~StepTimers() {
+    for (Step& s : steps) {
+      ops.timer_destroy(s.start);
+      ops.timer_destroy(s.end);
+    }
+    ops.timer_destroy(origin);
+  }
+  void* make() {
+    void* t = ops.timer_create();
+    ops.timer_record(t);
+    return t;
+  }
+};
+
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -63,6 +89,11 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
   const int64_t E = cfg_.n_embd;
   SpscRing* in = first ? nullptr : rings_[size_t(s)].get();
   SpscRing* out = last ? nullptr : rings_[size_t(s + 1)].get();
+  // Step times come from the backend's timers (GPU events on cuda), placed on the host clock through an
+  // origin mark taken now; they are read after the loop, so the loop itself never waits for them.
+  StepTimers timers(*st.ops);
+  timers.origin = timers.make();
+  const double origin = now_seconds() - t0;
 
   for (int64_t m = 0; m < M; ++m) {
     const int64_t b = m * ubatch_, nt = std::min(ubatch_, job.n - b);
@@ -86,18 +117,14 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
       in->release();
     }
 
-    TraceEvent ev;
-    ev.stage = s;
-    ev.ubatch = int(m);
-    ev.n_tokens = nt;
-    ev.t_start = now_seconds() - t0;
+    void* t_start = timers.make();
+    timers.steps.push_back({m, nt, t_start, nullptr});
     st.compute(cfg_, w_, first, last, job.tokens + b, job.pos0 + b, nt, job.all_logits, last_ub, stop_);
     if (last && job.logits && (job.all_logits || last_ub)) {
       const int64_t rows = job.all_logits ? nt : 1;
       st.ops->to_host(job.logits + (job.all_logits ? b * cfg_.n_vocab : 0), st.logits, rows * cfg_.n_vocab);
     }
-    ev.t_end = now_seconds() - t0;
-    trace.push_back(ev);
+    timers.steps.back().end = timers.make();
 
     // Hand the activations on to the next stage's slot.
     if (out) {
@@ -118,6 +145,15 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
       st.ops->event_record(credit_->slot(c).ev_filled);
       credit_->publish();
     }
+  }
+  for (const StepTimers::Step& step : timers.steps) {
+    TraceEvent ev;
+    ev.stage = s;
+    ev.ubatch = int(step.ubatch);
+    ev.n_tokens = step.n_tok;
+    ev.t_start = origin + st.ops->timer_seconds(timers.origin, step.start);
+    ev.t_end = origin + st.ops->timer_seconds(timers.origin, step.end);
+    trace.push_back(ev);
   }
 }
 

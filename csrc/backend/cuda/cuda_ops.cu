@@ -337,6 +337,32 @@ class CudaOps final : public Ops {
     check(cudaStreamWaitEvent(stream_, e->ev, 0), "cudaStreamWaitEvent");
   }
 
+  // Trace timers: timing-enabled events on this stage's stream (read once the prefill has finished).
+  void* timer_create() override {
+    set_device();
+    cudaEvent_t ev = nullptr;
+    check(cudaEventCreate(&ev), "cudaEventCreate (timer)");
+    return ev;
+  }
+  void timer_destroy(void* t) override {
+    if (!t) return;
+    set_device();
+    cudaEventDestroy(static_cast<cudaEvent_t>(t));
+    cudaGetLastError();
+  }
+  void timer_record(void* t) override {
+    set_device();
+    check(cudaEventRecord(static_cast<cudaEvent_t>(t), stream_), "cudaEventRecord (timer)");
+  }
+  double timer_seconds(void* from, void* to) override {
+    set_device();
+    check(cudaEventSynchronize(static_cast<cudaEvent_t>(to)), "cudaEventSynchronize (timer)");
+    float ms = 0.0f;
+    check(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(from), static_cast<cudaEvent_t>(to)),
+          "cudaEventElapsedTime");
+    return double(ms) / 1e3;
+  }
+
   void kv_to_host(int layer, float* k, float* v, int64_t n_pos) override {
     if (n_pos <= 0) return;  // nothing cached yet (kv_digest of a fresh engine)
     check_kv(layer, n_pos, "kv_to_host");
