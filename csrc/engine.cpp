@@ -197,7 +197,13 @@ void Engine::place_stages(const EngineParams& p) {
       upload_stage_weights(*st->ops, w_, st->layer_begin, st->layer_end, s == 0, s == P - 1);
       st->scratch = LayerScratch::make(*st->ops, cfg_, U);
       st->x = st->ops->alloc(U * cfg_.n_embd);
-      if (s == P - 1) st->normed = st->ops->alloc(U * cfg_.n_embd);
+      if (s == P - 1) {
+        st->normed = st->ops->alloc(U * cfg_.n_embd);
+        // Last-token logits are allocated now, so a prefill never allocates inside the pipeline loop
+        // (a device allocation can synchronize the GPU); all-token logits grow on first request.
+        st->logits = st->ops->alloc(cfg_.n_vocab);
+        st->logits_rows = 1;
+      }
       stages_.push_back(std::move(st));
     }
     pipeline_ = std::make_unique<Pipeline>(stages_, cfg_, w_, U, p.ring_slots);

@@ -142,6 +142,19 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
+    """Common axes (log2 x, legend, grid), save as PNG, close."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     """tok/s vs context per schedule (one line per devices/ubatch), and gain vs ubatch per context."""
     import matplotlib
@@ -159,16 +172,7 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if s == "pipelined" else "--",
                 label=f"{s} {d} ub={u}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("prefill tokens/s")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = out_dir / "tok_s_vs_ctx.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_finish(plt, fig, ax, "context (tokens)", "prefill tokens/s", out_dir / "tok_s_vs_ctx.png"))
 
     g = gains(rows)
     if g:
@@ -180,16 +184,8 @@ def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
             pts.sort()
             line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{d} ctx={c}")
             ax.plot([p[0] for p in pts], [p[2] for p in pts], linestyle=":", color=line.get_color())
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("ubatch (tokens)")
-        ax.set_ylabel("pipelined / sequential (dotted: ideal)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = out_dir / "gain_vs_ubatch.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_finish(plt, fig, ax, "ubatch (tokens)", "pipelined / sequential (dotted: ideal)",
+                             out_dir / "gain_vs_ubatch.png"))
     return paths
 
 

@@ -74,15 +74,7 @@ __global__ void __launch_bounds__(kMmvfWarps * 32)
     for (int t = 0; t < kMmvMaxTok; ++t)
       if (t < n_tok) acc[t] += wv * x[t * k + kk];
   }
-#pragma unroll
-  for (int t = 0; t < kMmvMaxTok; ++t) {
-    if (t < n_tok) {
-      float s = acc[t];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (lane == 0) out[t * rows + r] = s;
-    }
-  }
+  warp_sum_store(acc, n_tok, lane, out, rows, r);
 }
 
 constexpr int kMmfTile = 64, kMmfK = 32, kMmfThreads = 256;

@@ -38,6 +38,23 @@ namespace cuda_mm {
 
 constexpr int kMmvMaxTok = 8;  // n_tok <= this goes to the matrix-vector kernels
 
+#if defined(__CUDACC__)
+// Matrix-vector epilogue: each lane holds a lane-strided partial dot product per token; sum them over the
+// warp and let lane 0 write out[t * rows + r] for the n_tok tokens.
+__device__ __forceinline__ void warp_sum_store(const float (&acc)[kMmvMaxTok], int n_tok, int lane, float* out,
+                                               int64_t rows, int64_t r) {
+#pragma unroll
+  for (int t = 0; t < kMmvMaxTok; ++t) {
+    if (t < n_tok) {
+      float s = acc[t];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (lane == 0) out[t * rows + r] = s;
+    }
+  }
+}
+#endif
+
 // Quantized activations as laid out in scratch by matmul.cu.
 struct QuantAct {
   const int8_t* q;  // [n_tok, k] int8, 16-byte aligned rows (k is a multiple of 32)
