@@ -81,8 +81,14 @@ const char* tp_build_info_json(void) {
     archs += "]";
     ver = "\"" + std::string(TP_CUDA_VERSION_STR) + "\"";
 #endif
-    return tp::fmt("{\"version\":\"0.1.0\",\"cuda\":%s,\"cuda_archs\":%s,\"cuda_version\":%s,\"simd\":\"%s\"}",
-                   cuda.c_str(), archs.c_str(), ver.c_str(), tp::cpu_simd_level());
+#if defined(TP_CUDA_EMULATE)
+    const char* emulated = "true";  // a test build: the "GPUs" are tests/cuda_emu running on the CPU
+#else
+    const char* emulated = "false";
+#endif
+    return tp::fmt("{\"version\":\"0.1.0\",\"cuda\":%s,\"cuda_archs\":%s,\"cuda_version\":%s,\"cuda_emulated\":%s,"
+                   "\"simd\":\"%s\"}",
+                   cuda.c_str(), archs.c_str(), ver.c_str(), emulated, tp::cpu_simd_level());
   }();
   return info.c_str();
 }

@@ -188,21 +188,27 @@ void Engine::place_stages(const EngineParams& p) {
       st->layer_begin = layer;
       st->layer_end = layer + split[size_t(s)];
       layer = st->layer_end;
+      try {
 #if defined(TP_WITH_CUDA)
-      if (is_cuda_entry(st->device))
-        st->ops = make_cuda_ops(std::stoi(st->device.substr(5)), U);
-      else
+        if (is_cuda_entry(st->device))
+          st->ops = make_cuda_ops(std::stoi(st->device.substr(5)), U);
+        else
 #endif
-        st->ops = make_cpu_ops(threads);
-      upload_stage_weights(*st->ops, w_, st->layer_begin, st->layer_end, s == 0, s == P - 1);
-      st->scratch = LayerScratch::make(*st->ops, cfg_, U);
-      st->x = st->ops->alloc(U * cfg_.n_embd);
-      if (s == P - 1) {
-        st->normed = st->ops->alloc(U * cfg_.n_embd);
-        // Last-token logits are allocated now, so a prefill never allocates inside the pipeline loop
-        // (a device allocation can synchronize the GPU); all-token logits grow on first request.
-        st->logits = st->ops->alloc(cfg_.n_vocab);
-        st->logits_rows = 1;
+          st->ops = make_cpu_ops(threads);
+        upload_stage_weights(*st->ops, w_, st->layer_begin, st->layer_end, s == 0, s == P - 1);
+        st->scratch = LayerScratch::make(*st->ops, cfg_, U);
+        st->x = st->ops->alloc(U * cfg_.n_embd);
+        if (s == P - 1) {
+          st->normed = st->ops->alloc(U * cfg_.n_embd);
+          // Last-token logits are allocated now, so a prefill never allocates inside the pipeline loop
+          // (a device allocation can synchronize the GPU); all-token logits grow on first request.
+          st->logits = st->ops->alloc(cfg_.n_vocab);
+          st->logits_rows = 1;
+        }
+      } catch (const Error& e) {
+        if (e.status() != TP_ERR_OUT_OF_MEMORY) throw;
+        fail(TP_ERR_OUT_OF_MEMORY, "stage %d (layers %lld-%lld): %s", int(s), (long long)st->layer_begin,
+             (long long)st->layer_end - 1, e.what());
       }
       stages_.push_back(std::move(st));
     }
@@ -236,6 +242,10 @@ void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* l
   for (auto& st : stages_) {
     try {
       st->ops->kv_reserve(st->n_layers(), cfg_.kv_dim(), n_pos);
+    } catch (const Error& e) {
+      if (e.status() != TP_ERR_OUT_OF_MEMORY) throw;
+      fail(TP_ERR_OUT_OF_MEMORY, "stage %d (layers %lld-%lld): %s", st->index, (long long)st->layer_begin,
+           (long long)st->layer_end - 1, e.what());
     } catch (const std::bad_alloc&) {
       fail(TP_ERR_OUT_OF_MEMORY, "stage %d (%s): out of memory growing the KV cache to %lld positions (%.1f MiB)",
            st->index, st->device.c_str(), (long long)n_pos,

@@ -1,9 +1,10 @@
 """The CUDA engine end to end: prefill on GPUs against the float64 reference, schedules bit-identical on
-one and two GPUs, and device-list handling. GPU tests (marked ``cuda``) skip without a GPU;
-test_cuda_without_gpu_is_a_device_error runs wherever no GPU is visible (including TP_CUDA=OFF builds).
+one and two GPUs, and device-list handling. GPU tests (marked ``cuda``) skip without a GPU (and then run on
+emulated GPUs through tests/test_cuda_emulated.py); test_cuda_without_gpu_is_a_device_error runs wherever no
+GPU is visible (including TP_CUDA=OFF builds).
 
 Tolerances (max|Δlogit| / max|logit| against tests/reference.py in float64, 83 tokens), measured by putting
-the GPU's roundings into the reference (tests/cpp/attention_emulate.cpp bounds the kernels themselves):
+the GPU's roundings into the reference (the op tests bound the kernels themselves):
 - Float weights (f32/f16/bf16): the CUDA matmul is f32, so only the f16 KV cache and, on sm_80+, the
   tensor-core attention's f16 Q and P differ: measured <= 3.9e-4 over the synthetic models.
   FLOAT_REL_TOL = 4e-3 (10×); a wrong rope mode, mask, GQA mapping or missing norm moves logits > 1e-2.

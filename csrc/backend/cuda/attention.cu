@@ -20,7 +20,7 @@ cudaError_t launch_simple(const AttnArgs& a, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(unsigned((a.n_tok + kSimpleRows - 1) / kSimpleRows), unsigned(a.n_head));
-  attn_simple_kernel<DV><<<grid, kSimpleWarps * 32, smem, stream>>>(a);
+  TP_LAUNCH(attn_simple_kernel<DV>, grid, kSimpleWarps * 32, smem, stream, a);
   return cudaGetLastError();
 }
 

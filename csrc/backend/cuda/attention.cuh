@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "backend/cuda/compat.cuh"
+
 namespace tp {
 namespace cuda {
 

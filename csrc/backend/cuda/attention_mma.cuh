@@ -57,21 +57,17 @@ __device__ __forceinline__ uint32_t half2_bits(__half2 h) {
   return r;
 }
 
-// c += A·B for one m16n8k16 tile (f16 inputs, f32 accumulators). TP_ATTN_EMULATE: the CPU emulation of
-// tests/cpp/attention_emulate.cpp, which implements the instruction from the PTX fragment layouts above.
-#if defined(TP_ATTN_EMULATE)
-void emulated_mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1);
-#endif
+// c += A·B for one m16n8k16 tile (f16 inputs, f32 accumulators).
 __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if TP_ARCH >= 800 && defined(TP_CUDA_EMULATE)
+  tp_emu::mma_f16_m16n8k16(c, {a0, a1, a2, a3}, {b0, b1});
+#elif TP_ARCH >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#elif defined(TP_ATTN_EMULATE)
-  emulated_mma_16816(c, a0, a1, a2, a3, b0, b1);
 #endif
 }
 
@@ -82,7 +78,7 @@ __device__ __forceinline__ void attn_mma_body(const AttnArgs& a, float scale_log
   constexpr int KD = D / 16;  // k-steps of Q·Kᵀ
   constexpr int ND = D / 8;   // n-tiles of O (8 dims each)
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  TP_DYNAMIC_SMEM(smem);
   __half* Qs = reinterpret_cast<__half*>(smem);  // [kMmaRows][S]
   __half* Ks = Qs + kMmaRows * S;                  // [Bc][S]
   __half* Vs = Ks + Bc * S;                        // [Bc][S]
@@ -227,14 +223,13 @@ __device__ __forceinline__ void attn_mma_body(const AttnArgs& a, float scale_log
 
 template <int D>
 __global__ void __launch_bounds__(kMmaWarps * 32) attn_mma_kernel(const AttnArgs a, float scale_log2) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if TP_ARCH >= 800
   attn_mma_body<D>(a, scale_log2);
 #endif
 }
 
 }  // namespace
 
-#if defined(__CUDACC__)  // the CPU emulation compiles the kernel body only
 template <int D>
 cudaError_t attention_mma(const AttnArgs& a, cudaStream_t stream) {
   constexpr size_t smem = MmaTile<D>::kSmemBytes;  // 27 KiB (D 64), 51 KiB (128), 66 KiB (256)
@@ -244,10 +239,9 @@ cudaError_t attention_mma(const AttnArgs& a, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(unsigned((a.n_tok + kMmaRows - 1) / kMmaRows), unsigned(a.n_head));
-  attn_mma_kernel<D><<<grid, kMmaWarps * 32, smem, stream>>>(a, a.kq_scale * 1.4426950408889634f);
+  TP_LAUNCH(attn_mma_kernel<D>, grid, kMmaWarps * 32, smem, stream, a, a.kq_scale * 1.4426950408889634f);
   return cudaGetLastError();
 }
-#endif
 
 }  // namespace cuda
 }  // namespace tp

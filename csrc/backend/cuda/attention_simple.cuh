@@ -33,7 +33,7 @@ inline size_t simple_smem_bytes(int d) {
 // DV: output dims per lane (head_dim <= 32 * DV).
 template <int DV>
 __device__ __forceinline__ void attn_simple_body(const AttnArgs& a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  TP_DYNAMIC_SMEM(smem);
   const int D = int(a.head_dim), ks = simple_k_stride(D);
   float* Qs = reinterpret_cast<float*>(smem);                      // [kSimpleRows][D]
   __half* Ks = reinterpret_cast<__half*>(Qs + kSimpleRows * D);   // [kSimpleKeys][ks]

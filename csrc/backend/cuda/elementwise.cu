@@ -62,14 +62,14 @@ cudaError_t tp_glu_cuda(float* out, const float* gate, const float* up, int64_t 
                         cudaStream_t stream) {
   if (n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  glu_kernel<<<tp_grid_blocks(n, 256), 256, 0, stream>>>(out, gate, up, n, act == tp::Activation::GeluTanh);
+  TP_LAUNCH(glu_kernel, tp_grid_blocks(n, 256), 256, 0, stream, out, gate, up, n, act == tp::Activation::GeluTanh);
   return cudaGetLastError();
 }
 
 cudaError_t tp_add_cuda(float* out, const float* a, const float* b, int64_t n, cudaStream_t stream) {
   if (n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  add_kernel<<<tp_grid_blocks(n, 256), 256, 0, stream>>>(out, a, b, n);
+  TP_LAUNCH(add_kernel, tp_grid_blocks(n, 256), 256, 0, stream, out, a, b, n);
   return cudaGetLastError();
 }
 
@@ -77,7 +77,7 @@ cudaError_t tp_add_bias_cuda(float* x, const float* b, int64_t rows, int64_t col
   if (rows < 0 || cols <= 0) return cudaErrorInvalidValue;
   const int64_t n = rows * cols;
   if (n == 0) return cudaSuccess;
-  add_bias_kernel<<<tp_grid_blocks(n, 256), 256, 0, stream>>>(x, b, n, cols);
+  TP_LAUNCH(add_bias_kernel, tp_grid_blocks(n, 256), 256, 0, stream, x, b, n, cols);
   return cudaGetLastError();
 }
 
@@ -112,8 +112,8 @@ cudaError_t tp_embed_cuda(float* out, const void* table, tp::GgmlType type, int6
     const int64_t m = n - i0 < kEmbedChunk ? n - i0 : kEmbedChunk;
     TokenChunk chunk{};
     for (int64_t i = 0; i < m; ++i) chunk.id[i] = tokens[i0 + i];
-    embed_kernel<<<unsigned(m), threads, 0, stream>>>(out + i0 * cols, static_cast<const uint8_t*>(table), type,
-                                                      row_bytes, cols, tt.block_elems, tt.block_bytes, chunk, scale);
+    TP_LAUNCH(embed_kernel, unsigned(m), threads, 0, stream, out + i0 * cols, static_cast<const uint8_t*>(table), type,
+              row_bytes, cols, tt.block_elems, tt.block_bytes, chunk, scale);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }

@@ -17,6 +17,8 @@
 
 #include <cstdint>
 
+#include "backend/cuda/compat.cuh"
+
 #include "model/config.h"  // RopeMode, Activation
 #include "quant/types.h"   // GgmlType
 

@@ -21,7 +21,7 @@ cudaError_t tp_kv_store_cuda(__half* k_cache, __half* v_cache, const float* k, c
   if (pos0 < 0 || n_tok < 0 || kv_dim <= 0) return cudaErrorInvalidValue;
   const int64_t n = n_tok * kv_dim;
   if (n == 0) return cudaSuccess;
-  kv_store_kernel<<<tp_grid_blocks(n, 256), 256, 0, stream>>>(k_cache + pos0 * kv_dim, v_cache + pos0 * kv_dim, k,
-                                                              v, n);
+  TP_LAUNCH(kv_store_kernel, tp_grid_blocks(n, 256), 256, 0, stream, k_cache + pos0 * kv_dim, v_cache + pos0 * kv_dim,
+            k, v, n);
   return cudaGetLastError();
 }

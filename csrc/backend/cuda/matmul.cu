@@ -128,11 +128,11 @@ cudaError_t launch_float(float* out, const void* w, int64_t rows, int64_t k, con
   if (n_tok <= kMmvMaxTok) {
     const int64_t grid = (rows + kMmvfWarps - 1) / kMmvfWarps;
     if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    mmv_float_kernel<L><<<unsigned(grid), kMmvfWarps * 32, 0, stream>>>(out, w, rows, k, x, int(n_tok));
+    TP_LAUNCH(mmv_float_kernel<L>, unsigned(grid), kMmvfWarps * 32, 0, stream, out, w, rows, k, x, int(n_tok));
   } else {
     const int64_t gx = (rows + kMmfTile - 1) / kMmfTile, gy = (n_tok + kMmfTile - 1) / kMmfTile;
     if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidConfiguration;
-    mm_float_kernel<L><<<dim3(unsigned(gx), unsigned(gy)), kMmfThreads, 0, stream>>>(out, w, rows, k, x, n_tok);
+    TP_LAUNCH(mm_float_kernel<L>, dim3(unsigned(gx), unsigned(gy)), kMmfThreads, 0, stream, out, w, rows, k, x, n_tok);
   }
   return cudaGetLastError();
 }
@@ -172,7 +172,7 @@ cudaError_t tp_matmul_cuda(float* out, const void* w, tp::GgmlType type, int64_t
     const int64_t n_groups = n_tok * (k / 32);
     const int64_t grid = (n_groups + kQuantWarps - 1) / kQuantWarps;
     if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    quantize_act_kernel<<<unsigned(grid), kQuantWarps * 32, 0, stream>>>(q, ds, x, n_groups);
+    TP_LAUNCH(quantize_act_kernel, unsigned(grid), kQuantWarps * 32, 0, stream, q, ds, x, n_groups);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     const QuantAct xa{q, ds};

@@ -20,6 +20,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "backend/cuda/compat.cuh"
+
 #include "quant/types.h"
 
 // Bytes of device scratch tp_matmul_cuda needs for these sizes (0 for F32/F16/BF16).
@@ -38,7 +40,7 @@ namespace cuda_mm {
 
 constexpr int kMmvMaxTok = 8;  // n_tok <= this goes to the matrix-vector kernels
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(TP_CUDA_EMULATE)
 // Matrix-vector epilogue: each lane holds a lane-strided partial dot product per token; sum them over the
 // warp and let lane 0 write out[t * rows + r] for the n_tok tokens.
 __device__ __forceinline__ void warp_sum_store(const float (&acc)[kMmvMaxTok], int n_tok, int lane, float* out,

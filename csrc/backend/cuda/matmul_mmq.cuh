@@ -47,17 +47,25 @@ __device__ __forceinline__ int pack4(const int8_t* q) {
              (uint32_t(uint8_t(q[3])) << 24));
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if TP_ARCH >= 800
 __device__ __forceinline__ void mma_k32(int (&c)[4], const int (&a)[4], int b0, int b1) {
+#if defined(TP_CUDA_EMULATE)
+  tp_emu::mma_s8_m16n8k32(c, a, b0, b1);
+#else
   asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 __device__ __forceinline__ void mma_k16(int (&c)[4], int a0, int a1, int b0) {
+#if defined(TP_CUDA_EMULATE)
+  tp_emu::mma_s8_m16n8k16(c, a0, a1, b0);
+#else
   asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a0), "r"(a1), "r"(b0));
+#endif
 }
 #endif
 
@@ -143,7 +151,7 @@ __global__ void __launch_bounds__(kMmqThreads)
           af[ns][h] = {d.x, d.y};
         }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if TP_ARCH >= 800
       int a[2][4];
 #pragma unroll
       for (int ms = 0; ms < 2; ++ms) {
@@ -213,8 +221,8 @@ cudaError_t mmq_launch(float* out, const void* w, int64_t row_bytes, int64_t row
                        int64_t n_tok, cudaStream_t stream) {
   const int64_t gx = (rows + kMmqRows - 1) / kMmqRows, gy = (n_tok + kMmqToks - 1) / kMmqToks;
   if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidConfiguration;
-  mmq_kernel<B><<<dim3(unsigned(gx), unsigned(gy)), kMmqThreads, 0, stream>>>(
-      out, static_cast<const uint8_t*>(w), row_bytes, rows, k, x.q, x.ds, n_tok);
+  TP_LAUNCH(mmq_kernel<B>, dim3(unsigned(gx), unsigned(gy)), kMmqThreads, 0, stream, out,
+            static_cast<const uint8_t*>(w), row_bytes, rows, k, x.q, x.ds, n_tok);
   return cudaGetLastError();
 }
 

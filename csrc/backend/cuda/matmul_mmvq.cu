@@ -70,8 +70,8 @@ cudaError_t mmvq_launch(float* out, const void* w, int64_t row_bytes, int64_t ro
   if (n_tok > kMmvMaxTok) return cudaErrorInvalidValue;
   const int64_t grid = (rows + kMmvqWarps - 1) / kMmvqWarps;
   if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  mmvq_kernel<B><<<unsigned(grid), kMmvqWarps * 32, 0, stream>>>(out, static_cast<const uint8_t*>(w), row_bytes,
-                                                                   rows, k, x.q, x.ds, int(n_tok));
+  TP_LAUNCH(mmvq_kernel<B>, unsigned(grid), kMmvqWarps * 32, 0, stream, out, static_cast<const uint8_t*>(w), row_bytes,
+            rows, k, x.q, x.ds, int(n_tok));
   return cudaGetLastError();
 }
 

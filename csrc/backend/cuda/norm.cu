@@ -36,6 +36,6 @@ cudaError_t tp_rms_norm_cuda(float* out, const float* in, const float* w, int64_
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-  rms_norm_kernel<<<unsigned(blocks), kRowsPerBlock * 32, 0, stream>>>(out, in, w, rows, int(dim), eps);
+  TP_LAUNCH(rms_norm_kernel, unsigned(blocks), kRowsPerBlock * 32, 0, stream, out, in, w, rows, int(dim), eps);
   return cudaGetLastError();
 }

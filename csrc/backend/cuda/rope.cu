@@ -37,7 +37,7 @@ cudaError_t tp_rope_cuda(float* x, int64_t n_tok, int64_t n_heads, int64_t head_
   const int half = int(n_rot / 2);
   if (n_tok == 0 || n_heads == 0 || half == 0) return cudaSuccess;
   const int threads = half >= 128 ? 128 : (half + 31) / 32 * 32;
-  rope_kernel<<<unsigned(n_tok), threads, 0, stream>>>(x, n_heads, head_dim, pos0, mode == tp::RopeMode::Neox,
-                                                       half, int(n_rot), base, freq_scale, freq_factors);
+  TP_LAUNCH(rope_kernel, unsigned(n_tok), threads, 0, stream, x, n_heads, head_dim, pos0, mode == tp::RopeMode::Neox,
+            half, int(n_rot), base, freq_scale, freq_factors);
   return cudaGetLastError();
 }
