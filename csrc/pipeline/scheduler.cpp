@@ -146,6 +146,8 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
       credit_->publish();
     }
   }
+  // The loop is over: wait once, for this stage's last timer, so reading the others never waits again.
+  if (!timers.steps.empty()) st.ops->timer_seconds(timers.origin, timers.steps.back().end);
   for (const StepTimers::Step& step : timers.steps) {
     TraceEvent ev;
     ev.stage = s;

@@ -352,6 +352,9 @@ using tp_emu::env_int;
 
 struct CUevent_st;
 
+// Host calls that had to wait for GPU work still pending (tp_emu_host_waits; see test_cuda_engine.py).
+static std::atomic<long long> g_host_waits{0};
+
 struct EventState {
   int device = 0;
   bool timing = true;
@@ -393,6 +396,7 @@ struct CUstream_st {
   }
   void wait_for(uint64_t n) {
     std::unique_lock<std::mutex> lk(mu);
+    if (finished < n) ++g_host_waits;
     cv.wait(lk, [&] { return finished >= n; });
   }
   void sync() {
@@ -432,6 +436,7 @@ struct Alloc {
 
 struct DeviceState {
   size_t used = 0;
+  int kernel_delay_us = 0;
   std::set<int> peers_enabled;  // devices whose memory this one may access
   CUstream_st* null_stream = nullptr;
   std::set<CUstream_st*> streams;
@@ -454,6 +459,17 @@ struct Runtime {
     capacity = size_t(std::max(1, env_int("TP_EMU_GPU_MEM_MIB", 2048))) << 20;
     peer = env_int("TP_EMU_PEER", 1) != 0;
     dev.resize(size_t(n_devices));
+    // TP_EMU_SLOW="1:2000": every kernel on cuda:1 takes 2000 µs longer. Unequal stage speeds let a fast
+    // producer run ahead of its consumer on the GPU timeline, where a missing "slot free" wait shows.
+    if (const char* slow = std::getenv("TP_EMU_SLOW")) {
+      for (const char* p = slow; *p;) {
+        int d = 0, us = 0, used = 0;
+        if (std::sscanf(p, "%d:%d%n", &d, &us, &used) != 2) die("TP_EMU_SLOW: expected device:microseconds[,...]");
+        if (d >= 0 && d < n_devices) dev[size_t(d)].kernel_delay_us = us;
+        p += used;
+        if (*p == ',') ++p;
+      }
+    }
   }
   size_t smem_optin() const {  // per-block opt-in shared memory of the emulated architecture
     if (cc_major >= 9) return 227 * 1024;
@@ -554,7 +570,9 @@ cudaError_t enqueue_kernel(const void* func, dim3 grid, dim3 block, size_t smem,
     }
   }
   auto fn = std::make_shared<std::function<void()>>(std::move(body));
-  s->push([fn, grid, block, smem] {
+  const int delay_us = r.dev[size_t(t_device)].kernel_delay_us;
+  s->push([fn, grid, block, smem, delay_us] {
+    if (delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
     Cta c;
     c.body = fn.get();
     c.kernel = "kernel";
@@ -914,6 +932,7 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   std::shared_ptr<EventState> st = e->s;
   std::unique_lock<std::mutex> lk(st->mu);
   const uint64_t target = st->recorded;
+  if (st->completed < target) ++g_host_waits;
   st->cv.wait(lk, [&] { return st->completed >= target; });
   return cudaSuccess;
 }
@@ -941,5 +960,8 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
   rt().max_dyn_smem[func] = value;
   return cudaSuccess;
 }
+
+// Not CUDA: how many host calls so far had to wait for pending GPU work (a test hook, exported by name).
+__attribute__((visibility("default"))) long long tp_emu_host_waits(void) { return g_host_waits.load(); }
 
 }  // extern "C"
