@@ -430,8 +430,9 @@ struct CUstream_st {
 namespace {
 
 struct Alloc {
-  size_t bytes;
-  int device;  // -1: pinned host memory
+  size_t bytes;    // as requested: copies and kernel pointers are checked against exactly this range
+  size_t charged;  // counted against the device (rounded up to 256 like the real allocator)
+  int device;      // -1: pinned host memory
 };
 
 struct DeviceState {
@@ -713,11 +714,13 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
     }
     r.dev[size_t(t_device)].used += rounded;
   }
-  void* m = std::aligned_alloc(256, rounded);
-  if (!m) die("host memory exhausted emulating cudaMalloc(%zu)", bytes);
-  std::memset(m, 0xff, rounded);  // NaN: a kernel reading memory nobody wrote sees NaN
+  // Exactly `bytes` (256-byte aligned as cudaMalloc's are), so that an ASan build of this library reports a
+  // kernel reading even one byte past the end.
+  void* m = nullptr;
+  if (posix_memalign(&m, 256, std::max<size_t>(bytes, 1)) != 0) die("host memory exhausted emulating cudaMalloc");
+  std::memset(m, 0xff, std::max<size_t>(bytes, 1));  // NaN: a kernel reading memory nobody wrote sees NaN
   std::lock_guard<std::mutex> lk(r.mu);
-  r.allocs[uintptr_t(m)] = Alloc{rounded, t_device};
+  r.allocs[uintptr_t(m)] = Alloc{std::max<size_t>(bytes, 1), rounded, t_device};
   *p = m;
   return cudaSuccess;
 }
@@ -741,17 +744,17 @@ cudaError_t cudaFree(void* p) {
   t_device = saved;
   std::lock_guard<std::mutex> lk(r.mu);
   auto it = r.allocs.find(uintptr_t(p));
-  r.dev[size_t(device)].used -= it->second.bytes;
+  r.dev[size_t(device)].used -= it->second.charged;
   r.allocs.erase(it);
   std::free(p);
   return cudaSuccess;
 }
 
 cudaError_t cudaMallocHost(void** p, size_t bytes) {
-  void* m = std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
-  if (!m) return set_error(cudaErrorMemoryAllocation);
+  void* m = nullptr;
+  if (posix_memalign(&m, 256, std::max<size_t>(bytes, 1)) != 0) return set_error(cudaErrorMemoryAllocation);
   std::lock_guard<std::mutex> lk(rt().mu);
-  rt().allocs[uintptr_t(m)] = Alloc{bytes, -1};
+  rt().allocs[uintptr_t(m)] = Alloc{std::max<size_t>(bytes, 1), 0, -1};
   *p = m;
   return cudaSuccess;
 }
