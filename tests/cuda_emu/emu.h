@@ -19,7 +19,7 @@
 // one allocation), copies' directions, events recorded on another GPU's stream, barriers some threads never
 // reach (deadlock), and shuffles with partial masks.
 // What it cannot: timing, memory-model races inside a kernel, out-of-bounds accesses inside a kernel
-// (use an ASan build of the emulated library), and the tensor cores' exact f32 accumulation order.
+// (CMake TP_ASAN=ON builds the emulated library with ASan), and the tensor cores' exact f32 accumulation order.
 #pragma once
 
 #include <cuda_fp16.h>
