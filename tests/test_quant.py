@@ -21,15 +21,16 @@ from turboprefill.errors import UnsupportedError
 from turboprefill.quant import GGMLType, dequantize, quantize, type_traits
 
 T = GGMLType
-DECODABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
-LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+DECODABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4]
+LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4]  # 32-element blocks
+UNIFORM_LEGACY = LEGACY[:-1]  # evenly spaced levels (MXFP4's E2M1 grid is not)
 K_QUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
 QUANTIZABLE = [T.F32, T.F16, T.BF16, *LEGACY, *K_QUANTS]
 
 # Byte offsets of the f16 scale fields inside one block (GGUF_SPEC §2.1).
 F16_FIELDS = {
     T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
-    T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+    T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.MXFP4: [],  # MXFP4: every E8M0 byte is a finite scale
 }  # fmt: skip
 
 
@@ -158,6 +159,7 @@ ERROR_BOUNDS = {
     T.Q6_K: 0.02,  # 64 signed levels per 16 elements with int8 sub-scales
     T.Q8_0: 0.006,  # 255 levels over ±amax of 32 values: step/sqrt(12) relative to sigma ≈ 0.005
     T.Q5_0: 0.047,  # 32 symmetric levels over ±amax, no fitted min
+    T.MXFP4: 0.13,  # 15 non-uniform E2M1 levels and a power-of-two scale (measured 0.118)
 }
 
 
@@ -179,7 +181,7 @@ def test_zero_rows_decode_to_zero(t):
 
 
 @pytest.mark.parametrize("c", [0.7, -1.3, 3.0, -250.0])
-@pytest.mark.parametrize("t", [*LEGACY, *K_QUANTS], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [*UNIFORM_LEGACY, *K_QUANTS], ids=lambda t: t.name)
 def test_constant_rows(t, c):
     """A constant lands exactly on a level, so the only error is the f16 rounding of one scale."""
     x = np.full((2, 512), c, dtype=np.float32)

@@ -25,18 +25,20 @@ from turboprefill.errors import UnsupportedError
 from turboprefill.quant import GGMLType, dequantize, quantize, type_traits
 
 T = GGMLType
-INT8_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+INT8_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4]
 # Range of the int8 quants per type (unpack.h's table); every value must occur in random blocks.
 Q_RANGE = {
     T.Q4_0: (-8, 7), T.Q4_1: (0, 15), T.Q5_0: (-16, 15), T.Q5_1: (0, 31), T.Q8_0: (-128, 127),
-    T.Q4_K: (0, 15), T.Q5_K: (0, 31), T.Q6_K: (-32, 31),
+    T.Q4_K: (0, 15), T.Q5_K: (0, 31), T.Q6_K: (-32, 31), T.MXFP4: (-12, 12),
 }  # fmt: skip
+# MXFP4's q are the doubled E2M1 values: 15 distinct integers (±0 collapse) in [-12, 12], not every one.
+N_LEVELS = {T.MXFP4: 15}
 HAS_OFFSET = {T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K}
 SPLIT_SCALE = {T.Q6_K}
 # Byte offsets of the f16 scale fields inside one block (GGUF_SPEC §2.1).
 F16_FIELDS = {
     T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
-    T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+    T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.MXFP4: [],
 }  # fmt: skip
 U = 2.0**-24  # unit roundoff of f32
 
@@ -126,6 +128,11 @@ def random_blocks(t: int, n_blocks: int, rng: np.random.Generator, specials: boo
     and the largest f16 scales (the signed-zero and range corner cases of d*q + m)."""
     _, block_bytes, _ = type_traits(t)
     raw = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
+    if t == T.MXFP4:  # E8M0 scales 2^-30 .. 2^2 (and, with specials, the subnormal 2^-128 and 2^-127)
+        raw[:, 0] = rng.integers(98, 131, n_blocks)
+        if specials:
+            pick = rng.random(n_blocks) < 0.1
+            raw[pick, 0] = rng.choice([0, 1], int(pick.sum()))
     for off in F16_FIELDS[t]:
         scale = (
             rng.uniform(0.5, 1.0, n_blocks)
@@ -209,7 +216,7 @@ def test_unpack_representation_contract(t):
     q, d, m = unpack_groups(raw, t, n)
     lo, hi = Q_RANGE[t]
     assert (int(q.min()), int(q.max())) == (lo, hi)
-    assert len(np.unique(q)) == hi - lo + 1
+    assert len(np.unique(q)) == N_LEVELS.get(t, hi - lo + 1)
     halves = d.reshape(-1, 2)
     if t in SPLIT_SCALE:
         assert np.mean(halves[:, 0] != halves[:, 1]) > 0.9

@@ -53,7 +53,8 @@ typedef enum tp_type {
   TP_TYPE_Q5_K = 13,
   TP_TYPE_Q6_K = 14,
   TP_TYPE_Q8_K = 15,
-  TP_TYPE_BF16 = 30
+  TP_TYPE_BF16 = 30,
+  TP_TYPE_MXFP4 = 39
 } tp_type;
 
 typedef enum tp_schedule {

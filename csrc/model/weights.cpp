@@ -31,7 +31,7 @@ struct Loader {
     if (!tt.supported)
       fail(TP_ERR_UNSUPPORTED,
            "%s: unsupported tensor type %s in tensor '%s' (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, "
-           "Q8_0, Q4_K, Q5_K, Q6_K)",
+           "Q8_0, Q4_K, Q5_K, Q6_K, MXFP4)",
            f.path().c_str(), tt.name, t.name.c_str());
     Tensor v;
     v.name = t.name.c_str();

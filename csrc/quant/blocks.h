@@ -120,6 +120,21 @@ TP_HD void dequant_block(const block_q6_K* b, float* y) {
   }
 }
 
+// The E2M1 code values doubled (ggml's kvalues_mxfp4): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives, × 2.
+TP_HD int8_t mxfp4_value(int code) {
+  // Sign in bit 3; magnitudes 0 1 2 3 4 6 8 12 for codes 0..7.
+  const int mag = (code & 7) < 4 ? (code & 7) : (code & 7) == 4 ? 4 : (code & 7) == 5 ? 6 : (code & 7) == 6 ? 8 : 12;
+  return int8_t(code & 8 ? -mag : mag);
+}
+
+TP_HD void dequant_block(const block_mxfp4* b, float* y) {
+  const float d = e8m0_to_f32_half(b->e);
+  for (int j = 0; j < 16; ++j) {
+    y[j] = float(mxfp4_value(b->qs[j] & 0xF)) * d;
+    y[j + 16] = float(mxfp4_value(b->qs[j] >> 4)) * d;
+  }
+}
+
 // Dequantize n elements (a whole number of blocks) of `type` from src into y. Returns false for a type
 // without a decoder. Plain float types are converted element by element.
 TP_HD bool dequantize_row(GgmlType type, const void* src, float* y, int64_t n) {
@@ -145,6 +160,7 @@ TP_HD bool dequantize_row(GgmlType type, const void* src, float* y, int64_t n) {
     TP_DEQ_CASE(Q4_K, block_q4_K, QK_K)
     TP_DEQ_CASE(Q5_K, block_q5_K, QK_K)
     TP_DEQ_CASE(Q6_K, block_q6_K, QK_K)
+    TP_DEQ_CASE(MXFP4, block_mxfp4, QK)
 #undef TP_DEQ_CASE
     default:
       return false;

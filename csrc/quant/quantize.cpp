@@ -1,5 +1,5 @@
 // quantize.cpp — reference quantizers (GGUF_SPEC §2.2, §3.1): f32 -> F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/
-// Q4_K/Q5_K/Q6_K, bit-exact with ggml's quantize_row_*_ref (no imatrix).
+// Q4_K/Q5_K/Q6_K/MXFP4, bit-exact with ggml's quantize_row_*_ref (no imatrix).
 //
 // Bit-exactness depends on doing the same float operations in the same order as ggml: every product and
 // sum below is written in ggml's association order, `nearest_int` is ggml's round-half-to-even trick, and
@@ -142,6 +142,32 @@ void quantize_block(const float* x, block_q8_0* y) {
   const float id = d != 0.f ? 1.0f / d : 0.0f;
   y->d = f32_to_f16(d);
   for (int j = 0; j < QK; ++j) y->qs[j] = trunc_to_i8(std::round(x[j] * id));
+}
+
+// MXFP4: the shared exponent puts amax in [4, 8) × 2^(e-128)·2, i.e. near the top code (6), as ggml's
+// quantize_row_mxfp4_ref does (e = floor(log2 amax) - 2 + 127, 0 for an all-zero block); each element takes
+// the code whose value is nearest, the first (lowest code) on a tie.
+void quantize_block(const float* x, block_mxfp4* y) {
+  float amax = 0.0f;
+  for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(x[j]));
+  // Clamped to the representable exponents: ggml's cast is undefined outside them (|x| < 2^-125 or huge).
+  const float ef = amax > 0.0f ? std::floor(std::log2(amax)) - 2 + 127 : 0.0f;
+  const uint8_t e = uint8_t(std::min(254.0f, std::max(0.0f, ef)));
+  const float d = e8m0_to_f32_half(e);
+  y->e = e;
+  auto best = [&](float v) {
+    int bi = 0;
+    float be = std::fabs(float(mxfp4_value(0)) * d - v);
+    for (int i = 1; i < 16; ++i) {
+      const float err = std::fabs(float(mxfp4_value(i)) * d - v);
+      if (err < be) {
+        bi = i;
+        be = err;
+      }
+    }
+    return uint8_t(bi);
+  };
+  for (int j = 0; j < QK / 2; ++j) y->qs[j] = uint8_t(best(x[j]) | (best(x[j + QK / 2]) << 4));
 }
 
 // ---- K-quants ------------------------------------------------------------------------------------------
@@ -394,6 +420,7 @@ bool has_quantizer(GgmlType type) {
     case GgmlType::Q4_K:
     case GgmlType::Q5_K:
     case GgmlType::Q6_K:
+    case GgmlType::MXFP4:
       return true;
     default:
       return false;
@@ -426,6 +453,7 @@ void quantize_row(GgmlType type, const float* x, void* y, int64_t n) {
     case GgmlType::Q4_K: return quantize_blocks<block_q4_K>(x, y, n, QK_K);
     case GgmlType::Q5_K: return quantize_blocks<block_q5_K>(x, y, n, QK_K);
     case GgmlType::Q6_K: return quantize_blocks<block_q6_K>(x, y, n, QK_K);
+    case GgmlType::MXFP4: return quantize_blocks<block_mxfp4>(x, y, n, QK);
     default:
       fail(TP_ERR_INTERNAL, "quantize: type %s listed as quantizable but not dispatched", tt.name);
   }

@@ -20,6 +20,7 @@ TypeTraits type_traits(int32_t type) {
     case GgmlType::Q5_K: return {"Q5_K", 256, 176, true};
     case GgmlType::Q6_K: return {"Q6_K", 256, 210, true};
     case GgmlType::Q8_K: return {"Q8_K", 256, 292, false};
+    case GgmlType::MXFP4: return {"MXFP4", 32, 17, true};
   }
   return {"?", 0, 0, false};
 }

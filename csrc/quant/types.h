@@ -32,6 +32,7 @@ enum class GgmlType : int32_t {
   Q6_K = 14,
   Q8_K = 15,
   BF16 = 30,
+  MXFP4 = 39,
 };
 
 constexpr int QK = 32;    // elements per legacy block
@@ -77,6 +78,14 @@ struct block_q6_K {
   uint16_t d;           // f16 super-block scale (at the end)
 };
 
+// MXFP4 (OCP microscaling): 32 E2M1 codes sharing one power-of-two scale. Element j < 16 is the low nibble
+// of qs[j], element j >= 16 the high nibble of qs[j - 16]. Value = kMxfp4Values[code] * 2^(e - 128): the table
+// holds the E2M1 values doubled (integers) and the scale is halved, as ggml stores them (GGUF type 39).
+struct block_mxfp4 {
+  uint8_t e;       // E8M0 shared exponent
+  uint8_t qs[16];  // E2M1 codes (sign bit 3, then exponent and mantissa)
+};
+
 static_assert(sizeof(block_q4_0) == 18, "q4_0 layout");
 static_assert(sizeof(block_q4_1) == 20, "q4_1 layout");
 static_assert(sizeof(block_q5_0) == 22, "q5_0 layout");
@@ -85,6 +94,7 @@ static_assert(sizeof(block_q8_0) == 34, "q8_0 layout");
 static_assert(sizeof(block_q4_K) == 144, "q4_K layout");
 static_assert(sizeof(block_q5_K) == 176, "q5_K layout");
 static_assert(sizeof(block_q6_K) == 210, "q6_K layout");
+static_assert(sizeof(block_mxfp4) == 17, "mxfp4 layout");
 
 struct TypeTraits {
   const char* name;
@@ -147,6 +157,15 @@ TP_HD uint16_t f32_to_f16(float f) {
   }
   uint32_t r = ax + 0xfff + ((ax >> 13) & 1);  // round mantissa to 10 bits, ties to even
   return uint16_t(sign | (((r >> 23) - 127 + 15) << 10) | ((r >> 13) & 0x3ff));
+}
+
+// 2^(e - 128) exactly (the E8M0 scale halved, ggml's convention): e = 0 and 1 give the f32 subnormals
+// 2^-128 and 2^-127, every other e a normal with exponent field e - 1. e = 255 (NaN in E8M0) gives 2^127.
+TP_HD float e8m0_to_f32_half(uint8_t e) {
+  const uint32_t bits = e < 2 ? (0x00200000u << e) : (uint32_t(e) - 1) << 23;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
 }
 
 TP_HD float bf16_to_f32(uint16_t h) {

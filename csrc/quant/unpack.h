@@ -13,6 +13,7 @@
 //   Q4_K   nibble              d*sc_g                   -(dmin*m_g)  [0, 15]
 //   Q5_K   5-bit               d*sc_g                   -(dmin*m_g)  [0, 31]
 //   Q6_K   6-bit - 32          d*sc[2g], d*sc[2g+1]     -0           [-32, 31]
+//   MXFP4  2 × E2M1 value      2^(e - 128)              -0           [-12, 12]
 // Q6_K is the only type with two scales per group (16-element sub-blocks; folding the int8 sub-scale
 // into q would overflow int8), so a kernel sums the two 16-element halves separately for it
 // (Unpack<B>::kSplit) and once over 32 elements for every other type.
@@ -84,6 +85,7 @@ TP_UNPACK_TRAITS(block_q8_0, Q8_0, 32, false, false, -128, 127)
 TP_UNPACK_TRAITS(block_q4_K, Q4_K, 256, false, true, 0, 15)
 TP_UNPACK_TRAITS(block_q5_K, Q5_K, 256, false, true, 0, 31)
 TP_UNPACK_TRAITS(block_q6_K, Q6_K, 256, true, false, -32, 31)
+TP_UNPACK_TRAITS(block_mxfp4, MXFP4, 32, false, false, -12, 12)
 #undef TP_UNPACK_TRAITS
 
 // Exact f16 -> f32; the hardware conversion on the GPU (same value as the software one in types.h).
@@ -183,6 +185,16 @@ TP_HD WGroup unpack_group(const block_q6_K* b, int g, int8_t* q) {
   return {{d * float(b->scales[2 * g]), d * float(b->scales[2 * g + 1])}, -0.0f};
 }
 
+// MXFP4: the doubled E2M1 values are small integers, so q is exact and d the halved power-of-two scale.
+TP_HD WGroup unpack_group(const block_mxfp4* b, int /*g*/, int8_t* q) {
+  for (int j = 0; j < 16; ++j) {
+    q[j] = mxfp4_value(b->qs[j] & 0xF);
+    q[j + 16] = mxfp4_value(b->qs[j] >> 4);
+  }
+  const float d = e8m0_to_f32_half(b->e);
+  return {{d, d}, -0.0f};
+}
+
 // Group `gi` of a row counted from the row start (gi * 32 elements in), for any block type.
 template <class B>
 TP_HD WGroup unpack_row_group(const B* row, int64_t gi, int8_t* q) {
@@ -251,6 +263,7 @@ R visit_unpack_type(GgmlType type, R otherwise, F&& f) {
     case GgmlType::Q4_K: return f(BlockTag<block_q4_K>{});
     case GgmlType::Q5_K: return f(BlockTag<block_q5_K>{});
     case GgmlType::Q6_K: return f(BlockTag<block_q6_K>{});
+    case GgmlType::MXFP4: return f(BlockTag<block_mxfp4>{});
     default: return otherwise;
   }
 }

@@ -26,7 +26,7 @@ tp::TypeTraits int8_traits(int32_t type, const char* what) {
   const bool ok = tp::visit_unpack_type(tp::GgmlType(type), false, [](auto) { return true; });
   if (!ok)
     tp::fail(TP_ERR_UNSUPPORTED, "%s: type %s (id %d) has no int8 unpacking (supported: Q4_0, Q4_1, Q5_0, "
-             "Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)", what, t.name, int(type));
+             "Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4)", what, t.name, int(type));
   return t;
 }
 

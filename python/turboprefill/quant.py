@@ -31,6 +31,7 @@ class GGMLType(enum.IntEnum):
     Q6_K = 14
     Q8_K = 15
     BF16 = 30
+    MXFP4 = 39
 
 
 def type_traits(t: int) -> tuple[int, int, str]:

@@ -94,6 +94,7 @@ bool tp_embed_cuda_supports(tp::GgmlType type) {
     case tp::GgmlType::Q4_K:
     case tp::GgmlType::Q5_K:
     case tp::GgmlType::Q6_K:
+    case tp::GgmlType::MXFP4:
       return true;
     default:
       return false;

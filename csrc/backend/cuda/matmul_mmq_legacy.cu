@@ -1,4 +1,4 @@
-// matmul_mmq_legacy.cu — MMQ instantiations for the 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+// matmul_mmq_legacy.cu — MMQ instantiations for the 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4).
 // The kernel lives in matmul_mmq.cuh; the K-quants are instantiated in matmul_mmq_kquant.cu so the two
 // halves compile in parallel.
 #include "backend/cuda/matmul_mmq.cuh"
@@ -14,6 +14,7 @@ TP_MMQ_INSTANTIATE(block_q4_1)
 TP_MMQ_INSTANTIATE(block_q5_0)
 TP_MMQ_INSTANTIATE(block_q5_1)
 TP_MMQ_INSTANTIATE(block_q8_0)
+TP_MMQ_INSTANTIATE(block_mxfp4)
 #undef TP_MMQ_INSTANTIATE
 
 }  // namespace cuda_mm

@@ -86,6 +86,7 @@ TP_MMVQ_INSTANTIATE(block_q8_0)
 TP_MMVQ_INSTANTIATE(block_q4_K)
 TP_MMVQ_INSTANTIATE(block_q5_K)
 TP_MMVQ_INSTANTIATE(block_q6_K)
+TP_MMVQ_INSTANTIATE(block_mxfp4)
 #undef TP_MMVQ_INSTANTIATE
 
 }  // namespace cuda_mm
