@@ -91,8 +91,10 @@ std::vector<std::string> expand_devices(const std::vector<std::string>& devices)
 void upload_stage_weights(Ops& ops, const ModelWeights& w, int64_t begin, int64_t end, bool first, bool last) {
   for (int64_t il = begin; il < end; ++il) {
     const LayerWeights& l = w.layers[size_t(il)];
-    for (const Tensor* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm,
-                            &l.post_attn_norm, &l.ffn_norm, &l.gate, &l.up, &l.down, &l.post_ffw_norm})
+    for (const Tensor* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.bo, &l.sinks,
+                            &l.q_norm, &l.k_norm, &l.post_attn_norm, &l.ffn_norm, &l.gate, &l.up, &l.down,
+                            &l.post_ffw_norm, &l.gate_inp, &l.gate_inp_b, &l.gate_exps, &l.up_exps, &l.down_exps,
+                            &l.gate_exps_b, &l.up_exps_b, &l.down_exps_b})
       if (t->present()) ops.upload(*t);
   }
   if (w.rope_freqs.present()) ops.upload(w.rope_freqs);

@@ -22,12 +22,17 @@ struct RopeParams {
   float base = 10000.0f;
   float freq_scale = 1.0f;
   const float* freq_factors = nullptr;  // [n_rot/2] divisors (rope_freqs.weight) or null
+  YarnParams yarn;                      // ext_factor 0: plain RoPE (model/config.h has the formula)
 };
 
 struct AttnParams {
   int64_t n_head = 0, n_head_kv = 0, head_dim = 0;
   float kq_scale = 1.0f;
   int64_t n_swa = 0;  // 0: full causal; else a query at p sees keys p - n_swa + 1 .. p
+  // Optional [n_head] f32 sink logits (gpt-oss): head h's softmax denominator gains exp(sinks[h] - M), with M
+  // the max over the row's scaled scores and sinks[h]; sinks take probability mass and add no value. The
+  // sink is not multiplied by kq_scale.
+  Tensor sinks;
 };
 
 class Ops {
@@ -36,6 +41,8 @@ class Ops {
 
   // Activation buffer of n floats in the backend's memory (freed with the Ops).
   virtual float* alloc(int64_t n) = 0;
+  // Buffer of n int32 (expert ids) in the backend's memory (freed with the Ops).
+  virtual int32_t* alloc_i32(int64_t n) = 0;
 
   // KV cache for n_layers stage-local layers of kv_dim floats per token, large enough for n_pos positions.
   // Grows (keeping contents) when called again with a larger n_pos.
@@ -58,8 +65,30 @@ class Ops {
   // 0 .. pos0 + n_tok - 1 of `layer`.                                  out: [n_tok, n_head * head_dim]
   virtual void attention(float* out, const float* q, int layer, int64_t pos0, int64_t n_tok,
                          const AttnParams& p) = 0;
-  // out = act(gate) * up                                               all: [n]
+  // out = act(gate) * up (SwigluOai: the clamped form in model/config.h)  all: [n]
   virtual void glu(float* out, const float* gate, const float* up, int64_t n, Activation act) = 0;
+
+  // --- mixture of experts (model/decoder.cpp ffn_moe). Slot i = t * k + j is token t's j-th expert.
+  // Router: per token the k largest logits of [n_tok, n_expert], largest first (ties: lower expert first);
+  // ids[i] = that expert, weights[i] = softmax over the token's k selected logits.   ids, weights: [n_tok*k]
+  virtual void router_topk(int32_t* ids, float* weights, const float* logits, int64_t n_tok, int64_t n_expert,
+                           int64_t k) = 0;
+  // Grouped expert matmul, grouped so that each expert's weights are read once per call: for every slot,
+  // out[i] = W_e · in[src] + b_e with e = ids[i], W_e = w.mat(e), b_e = row e of b (b may be absent) and
+  // src = i when in_per_slot (in: [n_tok*k, w.cols]) else t = i / k (in: [n_tok, w.cols]).
+  // out: [n_tok*k, w.mat_rows()]. Each slot's row equals matmul(W_e, that row) + b_e exactly.
+  virtual void moe_matmul(float* out, const Tensor& w, const Tensor& b, const float* in, bool in_per_slot,
+                          const int32_t* ids, int64_t n_tok, int64_t k) = 0;
+  // out[t] = Σ_j weights[t*k + j] · y[t*k + j], summed j = 0, 1, .. in that order, each product rounded
+  // (no FMA), so every backend gives the same bits.                   y: [n_tok*k, dim], out: [n_tok, dim]
+  virtual void moe_combine(float* out, const float* y, const float* weights, int64_t n_tok, int64_t k,
+                           int64_t dim) = 0;
+  // Experts routed to since the last call (bench: how many experts a ubatch touches): router_topk calls and
+  // the sum over calls of distinct experts chosen. Backends that cannot count cheaply return {-1, -1}.
+  struct RouterStats {
+    int64_t calls = 0, experts = 0;
+  };
+  virtual RouterStats take_router_stats() { return {-1, -1}; }
   // out = a + b                                                        all: [n]
   virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;
   // Copy n floats from backend memory to the host (blocking).

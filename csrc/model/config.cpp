@@ -1,6 +1,7 @@
 // config.cpp — GGUF metadata → ModelConfig, per architecture (GGUF_SPEC §1.6, §5).
 #include "model/config.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "gguf/gguf.h"
@@ -27,6 +28,23 @@ int64_t get_uniform_int(const GgufFile& f, const std::string& key, int64_t def, 
   return f.get_int(key);
 }
 
+// llama.cpp's YaRN correction range (ggml_rope_yarn_corr_dims): the pair index whose wavelength fits
+// n_ctx_orig / beta rotations, floored for beta_fast and ceiled for beta_slow, clamped to [0, n_rot - 1].
+YarnParams yarn_params(int64_t n_rot, int64_t n_ctx_orig, float base, float freq_scale) {
+  constexpr float kBetaFast = 32.0f, kBetaSlow = 1.0f;  // llama.cpp's defaults; gpt-oss uses them as-is
+  auto corr_dim = [&](float n_rotations) {
+    return float(n_rot) * std::log(float(n_ctx_orig) / (n_rotations * 2.0f * float(M_PI))) / (2.0f * std::log(base));
+  };
+  YarnParams y;
+  y.ext_factor = 1.0f;
+  y.corr_low = std::max(0.0f, std::floor(corr_dim(kBetaFast)));
+  y.corr_high = std::min(float(n_rot - 1), std::ceil(corr_dim(kBetaSlow)));
+  // llama.cpp sets attn_factor = get_mscale(factor) / (1 + 0.1 ln factor) = 1 and ggml's rope multiplies by
+  // 1 + 0.1 ln(1 / freq_scale): the product is the YaRN magnitude correction.
+  y.mscale = 1.0f + 0.1f * std::log(1.0f / freq_scale);
+  return y;
+}
+
 }  // namespace
 
 ModelConfig load_config(const GgufFile& f) {
@@ -37,8 +55,9 @@ ModelConfig load_config(const GgufFile& f) {
   else if (a == "qwen2") c.arch = Arch::Qwen2;
   else if (a == "qwen3") c.arch = Arch::Qwen3;
   else if (a == "gemma3") c.arch = Arch::Gemma3;
+  else if (a == "gpt-oss") c.arch = Arch::GptOss;
   else
-    fail(TP_ERR_UNSUPPORTED, "%s: unsupported architecture '%s' (supported: llama, qwen2, qwen3, gemma3)",
+    fail(TP_ERR_UNSUPPORTED, "%s: unsupported architecture '%s' (supported: llama, qwen2, qwen3, gemma3, gpt-oss)",
          f.path().c_str(), a.c_str());
 
   const std::string p = a + ".";
@@ -71,21 +90,56 @@ ModelConfig load_config(const GgufFile& f) {
   c.norm_eps = float(f.get_float_or(p + "attention.layer_norm_rms_epsilon", 1e-5));
   c.rope_base = float(f.get_float_or(p + "rope.freq_base", 10000.0));
 
+  if (!(c.rope_base > 1.0f))
+    fail(TP_ERR_FORMAT, "%s: rope.freq_base %g must be > 1", f.path().c_str(), double(c.rope_base));
+
   const GgufValue* st = f.find(p + "rope.scaling.type");
+  bool yarn = false;
   if (st && st->type == GgufValueType::STRING && st->s != "none") {
-    if (st->s != "linear")
-      fail(TP_ERR_UNSUPPORTED, "%s: rope scaling '%s' is not supported (only none and linear)", f.path().c_str(),
-           st->s.c_str());
+    if (st->s != "linear" && st->s != "yarn")
+      fail(TP_ERR_UNSUPPORTED, "%s: rope scaling '%s' is not supported (only none, linear and yarn)",
+           f.path().c_str(), st->s.c_str());
     const double factor = f.get_float_or(p + "rope.scaling.factor", 1.0);
     if (!(factor > 0)) fail(TP_ERR_FORMAT, "%s: rope.scaling.factor %g must be > 0", f.path().c_str(), factor);
     c.rope_freq_scale = float(1.0 / factor);
+    yarn = st->s == "yarn";
   }
   c.rope_base_swa = c.rope_base;
   c.rope_freq_scale_swa = c.rope_freq_scale;
+  if (yarn) {
+    const int64_t n_orig = f.get_int_or(p + "rope.scaling.original_context_length", c.n_ctx_train);
+    if (n_orig <= 0)
+      fail(TP_ERR_FORMAT, "%s: rope.scaling.original_context_length %lld must be > 0", f.path().c_str(),
+           (long long)n_orig);
+    c.yarn = yarn_params(c.n_rot, n_orig, c.rope_base, c.rope_freq_scale);
+    c.yarn_swa = c.yarn;
+  }
   c.kq_scale = 1.0f / std::sqrt(float(c.head_dim));
   c.layer_swa.assign(size_t(c.n_layer), false);
 
   switch (c.arch) {
+    case Arch::GptOss: {
+      c.rope_mode = RopeMode::Neox;
+      c.qkv_bias = true;
+      c.attn_out_bias = true;
+      c.attn_sinks = true;
+      c.act = Activation::SwigluOai;
+      c.n_expert = get_uniform_int(f, p + "expert_count", 0, true);
+      c.n_expert_used = get_uniform_int(f, p + "expert_used_count", 0, true);
+      c.n_ff_exp = get_uniform_int(f, p + "expert_feed_forward_length", 0, true);
+      if (c.n_expert <= 0 || c.n_ff_exp <= 0)
+        fail(TP_ERR_FORMAT, "%s: expert_count %lld and expert_feed_forward_length %lld must be > 0",
+             f.path().c_str(), (long long)c.n_expert, (long long)c.n_ff_exp);
+      if (c.n_expert_used <= 0 || c.n_expert_used > c.n_expert)
+        fail(TP_ERR_FORMAT, "%s: expert_used_count %lld must be in [1, expert_count %lld]", f.path().c_str(),
+             (long long)c.n_expert_used, (long long)c.n_expert);
+      // Sliding window on the even layers, full attention on the odd ones (llama.cpp's swa pattern 2).
+      c.n_swa = get_uniform_int(f, p + "attention.sliding_window", 0, true);
+      if (c.n_swa < 0) fail(TP_ERR_FORMAT, "%s: sliding_window %lld < 0", f.path().c_str(), (long long)c.n_swa);
+      if (c.n_swa > 0)
+        for (int64_t il = 0; il < c.n_layer; ++il) c.layer_swa[size_t(il)] = il % 2 == 0;
+      break;
+    }
     case Arch::Llama:
       c.rope_mode = RopeMode::Norm;
       if (c.n_rot != c.head_dim)

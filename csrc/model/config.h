@@ -13,9 +13,21 @@ namespace tp {
 
 class GgufFile;
 
-enum class Arch { Llama, Qwen2, Qwen3, Gemma3 };
+enum class Arch { Llama, Qwen2, Qwen3, Gemma3, GptOss };
 enum class RopeMode { Norm, Neox };  // adjacent pairs (llama) / half-offset pairs (HF rotate_half)
-enum class Activation { Silu, GeluTanh };
+// SwigluOai (gpt-oss): g = min(g, 7), u = clamp(u, -7, 7), out = g·sigmoid(1.702·g)·(u + 1).
+enum class Activation { Silu, GeluTanh, SwigluOai };
+constexpr float kSwigluOaiAlpha = 1.702f, kSwigluOaiLimit = 7.0f;
+
+// YaRN RoPE (llama.cpp's rope_yarn): pair k of n_rot/2 turns by θ = θ_i (1 - r_k) + θ_e r_k, where θ_e =
+// pos·base^(-2k/n_rot) (extrapolated), θ_i = freq_scale·θ_e (interpolated) and r_k = ext_factor·(1 -
+// clamp((k - corr_low) / max(0.001, corr_high - corr_low), 0, 1)); cos θ and sin θ are then scaled by
+// mscale. ext_factor = 0 is plain RoPE (θ = θ_i, mscale 1).
+struct YarnParams {
+  float ext_factor = 0.0f;
+  float mscale = 1.0f;
+  float corr_low = 0.0f, corr_high = 0.0f;  // pair indices where the ramp starts / ends
+};
 
 struct ModelConfig {
   std::string arch_name;  // general.architecture
@@ -40,6 +52,7 @@ struct ModelConfig {
   float rope_base_swa = 10000.0f;
   float rope_freq_scale_swa = 1.0f;
   bool has_rope_freqs = false;  // llama 3.1+: per-dimension divisors in rope_freqs.weight
+  YarnParams yarn, yarn_swa;     // rope.scaling.type = yarn (gpt-oss), per base; else ext_factor 0
 
   // Layer flags.
   bool qkv_bias = false;       // qwen2: bias after q/k/v projections
@@ -47,10 +60,18 @@ struct ModelConfig {
   bool post_norms = false;     // gemma3: RMSNorm of the attention and FFN outputs before the residual add
   bool embed_scale = false;    // gemma3: embeddings times sqrt(n_embd)
   bool tied_output = false;    // no output.weight: lm_head is token_embd
+  bool attn_out_bias = false;  // gpt-oss: bias after attn_output
+  bool attn_sinks = false;     // gpt-oss: per-head sink logit in the softmax denominator
   Activation act = Activation::Silu;
   float kq_scale = 1.0f;       // softmax(q·k * kq_scale)
 
-  // Sliding-window attention (gemma3): layer il is local when layer_swa[il]; a local query at position p
+  // Mixture of experts (gpt-oss): every layer's FFN is n_expert experts of n_ff_exp, n_expert_used chosen
+  // per token by a router; 0 experts = the dense FFN of n_ff.
+  int64_t n_expert = 0;
+  int64_t n_expert_used = 0;
+  int64_t n_ff_exp = 0;
+
+  // Sliding-window attention (gemma3, gpt-oss): layer il is local when layer_swa[il]; a local query at position p
   // sees keys p - n_swa + 1 .. p.
   int64_t n_swa = 0;
   std::vector<bool> layer_swa;
@@ -58,6 +79,9 @@ struct ModelConfig {
   int64_t q_dim() const { return n_head * head_dim; }
   int64_t kv_dim() const { return n_head_kv * head_dim; }
   int64_t v_dim() const { return n_head_kv * head_dim_v; }
+  bool moe() const { return n_expert > 0; }
+  // Widest FFN hidden activation of one token: n_ff, or the n_expert_used experts' n_ff_exp side by side.
+  int64_t ff_width() const { return moe() && n_expert_used * n_ff_exp > n_ff ? n_expert_used * n_ff_exp : n_ff; }
 };
 
 // Reads and checks the configuration. Throws tp::Error (TP_ERR_UNSUPPORTED for an unknown architecture,

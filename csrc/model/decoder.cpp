@@ -1,4 +1,5 @@
-// decoder.cpp — the decoder layer, top to bottom as in the papers (GGUF_SPEC §5.2–5.5).
+// decoder.cpp — the decoder layer, top to bottom as in the papers (GGUF_SPEC §5.2–5.5): an attention block
+// and one of two FFN blocks (dense, or mixture of experts for gpt-oss), each written once against Ops.
 #include "model/decoder.h"
 
 #include <cmath>
@@ -13,9 +14,15 @@ LayerScratch LayerScratch::make(Ops& ops, const ModelConfig& c, int64_t cap) {
   s.k = ops.alloc(cap * c.kv_dim());
   s.v = ops.alloc(cap * c.v_dim());
   s.att = ops.alloc(cap * c.q_dim());
-  s.gate = ops.alloc(cap * c.n_ff);
-  s.up = ops.alloc(cap * c.n_ff);
+  s.gate = ops.alloc(cap * c.ff_width());
+  s.up = ops.alloc(cap * c.ff_width());
   s.tmp = ops.alloc(cap * c.n_embd);
+  if (c.moe()) {
+    s.router = ops.alloc(cap * c.n_expert);
+    s.ids = ops.alloc_i32(cap * c.n_expert_used);
+    s.weights = ops.alloc(cap * c.n_expert_used);
+    s.experts = ops.alloc(cap * c.n_expert_used * c.n_embd);
+  }
   return s;
 }
 
@@ -24,12 +31,11 @@ void embed_tokens(Ops& ops, const ModelConfig& c, const ModelWeights& w, const i
   ops.embed(x, w.tok_embd, tokens, n, scale);
 }
 
-void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_t il, int kv_layer,
-                   LayerScratch& s, float* x, int64_t pos0, int64_t n_tok) {
-  const LayerWeights& l = w.layers[size_t(il)];
-  const bool swa = c.layer_swa[size_t(il)];
+namespace {
 
-  // --- attention block ---
+// x += Wo · attention(RoPE(Wq h), RoPE(Wk h), Wv h) with h = RMSNorm(x).
+void attention_block(Ops& ops, const ModelConfig& c, const ModelWeights& w, const LayerWeights& l, bool swa,
+                     int kv_layer, LayerScratch& s, float* x, int64_t pos0, int64_t n_tok) {
   ops.rms_norm(s.h, x, l.attn_norm, n_tok, c.n_embd, c.norm_eps);
   ops.matmul(s.q, l.wq, s.h, n_tok);
   ops.matmul(s.k, l.wk, s.h, n_tok);
@@ -49,6 +55,7 @@ void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_
   rp.base = swa ? c.rope_base_swa : c.rope_base;
   rp.freq_scale = swa ? c.rope_freq_scale_swa : c.rope_freq_scale;
   rp.freq_factors = c.has_rope_freqs ? w.rope_freqs.f32() : nullptr;
+  rp.yarn = swa ? c.yarn_swa : c.yarn;
   ops.rope(s.q, n_tok, c.n_head, c.head_dim, pos0, rp);
   ops.rope(s.k, n_tok, c.n_head_kv, c.head_dim, pos0, rp);
 
@@ -59,13 +66,17 @@ void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_
   ap.head_dim = c.head_dim;
   ap.kq_scale = c.kq_scale;
   ap.n_swa = swa ? c.n_swa : 0;
+  ap.sinks = l.sinks;
   ops.attention(s.att, s.q, kv_layer, pos0, n_tok, ap);
 
   ops.matmul(s.tmp, l.wo, s.att, n_tok);
+  if (c.attn_out_bias) ops.add_bias(s.tmp, l.bo, n_tok);
   if (c.post_norms) ops.rms_norm(s.tmp, s.tmp, l.post_attn_norm, n_tok, c.n_embd, c.norm_eps);
   ops.add(x, x, s.tmp, n_tok * c.n_embd);
+}
 
-  // --- feed-forward block ---
+// x += down(act(gate h) * up h) with h = RMSNorm(x).
+void ffn_dense(Ops& ops, const ModelConfig& c, const LayerWeights& l, LayerScratch& s, float* x, int64_t n_tok) {
   ops.rms_norm(s.h, x, l.ffn_norm, n_tok, c.n_embd, c.norm_eps);
   ops.matmul(s.gate, l.gate, s.h, n_tok);
   ops.matmul(s.up, l.up, s.h, n_tok);
@@ -73,6 +84,36 @@ void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_
   ops.matmul(s.tmp, l.down, s.gate, n_tok);
   if (c.post_norms) ops.rms_norm(s.tmp, s.tmp, l.post_ffw_norm, n_tok, c.n_embd, c.norm_eps);
   ops.add(x, x, s.tmp, n_tok * c.n_embd);
+}
+
+// x += Σ_j w_j · expert_{e_j}(h) over the k experts the router picks for each token (gpt-oss; llama.cpp's
+// build_moe_ffn with softmax-of-the-top-k weights): logits = Wr h + br, e_j = the k largest, w = softmax of
+// their logits; expert e: down_e(act(gate_e h + bg_e) * (up_e h + bu_e)) + bd_e. The expert matmuls are
+// grouped by expert so each expert's weights stream once per ubatch, not once per token.
+void ffn_moe(Ops& ops, const ModelConfig& c, const LayerWeights& l, LayerScratch& s, float* x, int64_t n_tok) {
+  const int64_t k = c.n_expert_used;
+  ops.rms_norm(s.h, x, l.ffn_norm, n_tok, c.n_embd, c.norm_eps);
+  ops.matmul(s.router, l.gate_inp, s.h, n_tok);
+  ops.add_bias(s.router, l.gate_inp_b, n_tok);
+  ops.router_topk(s.ids, s.weights, s.router, n_tok, c.n_expert, k);
+  ops.moe_matmul(s.gate, l.gate_exps, l.gate_exps_b, s.h, false, s.ids, n_tok, k);
+  ops.moe_matmul(s.up, l.up_exps, l.up_exps_b, s.h, false, s.ids, n_tok, k);
+  ops.glu(s.gate, s.gate, s.up, n_tok * k * c.n_ff_exp, c.act);
+  ops.moe_matmul(s.experts, l.down_exps, l.down_exps_b, s.gate, true, s.ids, n_tok, k);
+  ops.moe_combine(s.tmp, s.experts, s.weights, n_tok, k, c.n_embd);
+  ops.add(x, x, s.tmp, n_tok * c.n_embd);
+}
+
+}  // namespace
+
+void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_t il, int kv_layer,
+                   LayerScratch& s, float* x, int64_t pos0, int64_t n_tok) {
+  const LayerWeights& l = w.layers[size_t(il)];
+  attention_block(ops, c, w, l, c.layer_swa[size_t(il)], kv_layer, s, x, pos0, n_tok);
+  if (c.moe())
+    ffn_moe(ops, c, l, s, x, n_tok);
+  else
+    ffn_dense(ops, c, l, s, x, n_tok);
 }
 
 void output_logits(Ops& ops, const ModelConfig& c, const ModelWeights& w, const float* x, int64_t n_rows,

@@ -18,9 +18,14 @@ struct LayerScratch {
   float* k = nullptr;     // [cap, kv_dim]
   float* v = nullptr;     // [cap, v_dim]
   float* att = nullptr;   // [cap, q_dim]    attention output (heads concatenated)
-  float* gate = nullptr;  // [cap, n_ff]
-  float* up = nullptr;    // [cap, n_ff]
+  float* gate = nullptr;  // [cap, ff_width]  (MoE: [cap * n_expert_used, n_ff_exp])
+  float* up = nullptr;    // [cap, ff_width]
   float* tmp = nullptr;   // [cap, n_embd]   projection output before the residual add
+  // MoE only (null for dense models):
+  float* router = nullptr;    // [cap, n_expert]              router logits
+  int32_t* ids = nullptr;     // [cap * n_expert_used]        chosen experts, slot t*k + j
+  float* weights = nullptr;   // [cap * n_expert_used]        their mixing weights
+  float* experts = nullptr;   // [cap * n_expert_used, n_embd] each slot's expert output
 
   static LayerScratch make(Ops& ops, const ModelConfig& c, int64_t cap);
 };
@@ -28,7 +33,8 @@ struct LayerScratch {
 // x[i] = token_embd[tokens[i]] (× sqrt(n_embd) for gemma3).           x: [n, n_embd]
 void embed_tokens(Ops& ops, const ModelConfig& c, const ModelWeights& w, const int32_t* tokens, int64_t n, float* x);
 
-// One decoder layer in place on the residual stream x ([n_tok, n_embd], positions pos0..).
+// One decoder layer in place on the residual stream x ([n_tok, n_embd], positions pos0..): the attention
+// block, then the dense or the mixture-of-experts FFN block as ModelConfig says.
 // il: the model's layer index (selects weights, SWA and RoPE base); kv_layer: stage-local KV slot.
 void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_t il, int kv_layer,
                    LayerScratch& s, float* x, int64_t pos0, int64_t n_tok);

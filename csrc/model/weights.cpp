@@ -22,6 +22,36 @@ struct Loader {
     return view(*t, cols, rows);
   }
 
+  // A 3-D expert tensor [cols, rows, n_expert]; every dimension is checked, not only their product.
+  Tensor get3(const std::string& name, int64_t cols, int64_t rows, int64_t n_expert) const {
+    const GgufTensor* t = f.find_tensor(name);
+    if (!t)
+      fail(TP_ERR_FORMAT, "%s: missing tensor '%s' (expected shape [%lld, %lld, %lld])", f.path().c_str(),
+           name.c_str(), (long long)cols, (long long)rows, (long long)n_expert);
+    if (t->ne[0] != cols || t->ne[1] != rows || t->ne[2] != n_expert || t->ne[3] != 1)
+      fail(TP_ERR_FORMAT, "%s: tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, %lld, %lld] "
+           "(row length, rows per expert, experts)", f.path().c_str(), name.c_str(), (long long)t->ne[0],
+           (long long)t->ne[1], (long long)t->ne[2], (long long)t->ne[3], (long long)cols, (long long)rows,
+           (long long)n_expert);
+    Tensor v = view(*t, cols, rows * n_expert);
+    v.mats = n_expert;
+    return v;
+  }
+
+  // Per-expert bias [n, n_expert] f32: row e is expert e's bias.
+  Tensor get_bias2(const std::string& name, int64_t n, int64_t n_expert) const {
+    const GgufTensor* t = f.find_tensor(name);
+    if (t && (t->ne[0] != n || t->ne[1] != n_expert || t->ne[2] != 1 || t->ne[3] != 1))
+      fail(TP_ERR_FORMAT, "%s: tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, %lld] (one bias per "
+           "expert)", f.path().c_str(), name.c_str(), (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2],
+           (long long)t->ne[3], (long long)n, (long long)n_expert);
+    Tensor v = get(name, n, n_expert);
+    if (v.type != GgmlType::F32)
+      fail(TP_ERR_UNSUPPORTED, "%s: tensor '%s' has type %s; biases must be F32", f.path().c_str(), name.c_str(),
+           type_traits(int32_t(v.type)).name);
+    return v;
+  }
+
   Tensor view(const GgufTensor& t, int64_t cols, int64_t rows) const {
     const int64_t t_rows = t.ne[1] * t.ne[2] * t.ne[3];
     if (t.ne[0] != cols || t_rows != rows)
@@ -88,6 +118,8 @@ ModelWeights load_weights(const GgufFile& f, ModelConfig& c) {
       l.bk = L.get_f32(b + "attn_k.bias", c.kv_dim());
       l.bv = L.get_f32(b + "attn_v.bias", c.v_dim());
     }
+    if (c.attn_out_bias) l.bo = L.get_f32(b + "attn_output.bias", c.n_embd);
+    if (c.attn_sinks) l.sinks = L.get_f32(b + "attn_sinks.weight", c.n_head);
     if (c.qk_norm) {
       l.q_norm = L.get_f32(b + "attn_q_norm.weight", c.head_dim);
       l.k_norm = L.get_f32(b + "attn_k_norm.weight", c.head_dim);
@@ -95,6 +127,18 @@ ModelWeights load_weights(const GgufFile& f, ModelConfig& c) {
     if (c.post_norms) {
       l.post_attn_norm = L.get_f32(b + "post_attention_norm.weight", c.n_embd);
       l.post_ffw_norm = L.get_f32(b + "post_ffw_norm.weight", c.n_embd);
+    }
+    if (c.moe()) {
+      l.ffn_norm = L.get_f32(b + "post_attention_norm.weight", c.n_embd);
+      l.gate_inp = L.get(b + "ffn_gate_inp.weight", c.n_embd, c.n_expert);
+      l.gate_inp_b = L.get_f32(b + "ffn_gate_inp.bias", c.n_expert);
+      l.gate_exps = L.get3(b + "ffn_gate_exps.weight", c.n_embd, c.n_ff_exp, c.n_expert);
+      l.up_exps = L.get3(b + "ffn_up_exps.weight", c.n_embd, c.n_ff_exp, c.n_expert);
+      l.down_exps = L.get3(b + "ffn_down_exps.weight", c.n_ff_exp, c.n_embd, c.n_expert);
+      l.gate_exps_b = L.get_bias2(b + "ffn_gate_exps.bias", c.n_ff_exp, c.n_expert);
+      l.up_exps_b = L.get_bias2(b + "ffn_up_exps.bias", c.n_ff_exp, c.n_expert);
+      l.down_exps_b = L.get_bias2(b + "ffn_down_exps.bias", c.n_embd, c.n_expert);
+      continue;
     }
     l.ffn_norm = L.get_f32(b + "ffn_norm.weight", c.n_embd);
     l.gate = L.get(b + "ffn_gate.weight", c.n_embd, c.n_ff);

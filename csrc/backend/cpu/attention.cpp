@@ -11,7 +11,9 @@
 //
 // Per row and tile: s_j = scale * Σ_d q_d K_jd (16 keys per vector lane group, d in order), max, rescale of
 // the running sum and output by exp(m_old - m_new), p_j = exp(s_j - m_new) (vexp, kernels.h), then
-// out += Σ_j p_j V_j in key order, 16 dims per vector. Compiled per ISA with target_clones.
+// out += Σ_j p_j V_j in key order, 16 dims per vector. Compiled per ISA with target_clones. An attention
+// sink (gpt-oss) is folded in once at the end, as ggml does: with running max m and sum l, a sink s > m
+// rescales l and the output by e^(m - s) and adds 1, else it adds e^(s - m) to l.
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -140,6 +142,7 @@ void cpu_attention(ThreadPool& pool, float* out, const float* q, const float* K,
   const int64_t q_stride = p.n_head * hd;
   const int64_t n_qb = (n_tok + kQBlock - 1) / kQBlock;
   const bool vec = hd % kL == 0;
+  const float* sinks = p.sinks.present() ? p.sinks.f32() : nullptr;
   auto first_key = [&](int64_t pos) { return p.n_swa > 0 && pos - p.n_swa + 1 > 0 ? pos - p.n_swa + 1 : 0; };
   // Later query blocks see more keys: hand them out first.
   pool.parallel_for(n_qb * p.n_head_kv, 1, [&](int64_t b, int64_t e, int) {
@@ -210,10 +213,21 @@ void cpu_attention(ThreadPool& pool, float* out, const float* q, const float* K,
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = kvh * group + g, r = (i - i0) * group + g;
-          const float inv = 1.0f / st[size_t(r)].l;
+          // A sink joins the denominator as one more score (ggml's order: rescale to the new max first).
+          float l = st[size_t(r)].l, vs = 1.0f;
+          if (sinks) {
+            const float sk = sinks[h], m = st[size_t(r)].m;
+            if (sk > m) {
+              vs = std::exp(m - sk);
+              l = l * vs + 1.0f;
+            } else {
+              l += std::exp(sk - m);
+            }
+          }
+          const float inv = 1.0f / l;
           float* o = out + i * q_stride + h * hd;
           const float* a = acc.data() + r * hd;
-          for (int64_t d = 0; d < hd; ++d) o[d] = a[d] * inv;
+          for (int64_t d = 0; d < hd; ++d) o[d] = (a[d] * vs) * inv;
         }
       }
     }

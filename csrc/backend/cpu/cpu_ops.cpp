@@ -20,23 +20,49 @@ namespace tp {
 namespace {
 
 // out = act(gate) * up over [0, n). SiLU: g / (1 + e^-g); GELU-tanh: 0.5 g (1 + tanh(u)) = g / (1 + e^-2u)
-// with u = sqrt(2/pi) (g + 0.044715 g^3), the same function without tanh's cancellation; e^x is vexp
-// (kernels.h, ≈ 1e-7 relative), 16 lanes at a time, the scalar tail through std::exp.
-TP_CPU_CLONES void glu_range(float* out, const float* gate, const float* up, int64_t n, bool silu) {
+// with u = sqrt(2/pi) (g + 0.044715 g^3), the same function without tanh's cancellation; SwigluOai (gpt-oss):
+// g = min(g, 7), u = clamp(u, -7, 7), g / (1 + e^(-1.702 g)) * (u + 1). e^x is vexp (kernels.h, ≈ 1e-7
+// relative), 16 lanes at a time, the scalar tail through std::exp.
+TP_CPU_CLONES void glu_range(float* out, const float* gate, const float* up, int64_t n, Activation act) {
+  const float lim = kSwigluOaiLimit;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     v16f g, u;
     memcpy(&g, gate + i, sizeof(g));
     memcpy(&u, up + i, sizeof(u));
-    const v16f z = silu ? -g : -2.0f * (0.7978845608028654f * (g + 0.044715f * g * g * g));
-    const v16f r = g / (1.0f + vexp(z)) * u;
+    v16f r;
+    if (act == Activation::SwigluOai) {
+      g = g < lim ? g : lim;
+      u = u < lim ? u : lim;
+      u = u > -lim ? u : -lim;
+      r = g / (1.0f + vexp(-kSwigluOaiAlpha * g)) * (u + 1.0f);
+    } else {
+      const v16f z = act == Activation::Silu ? -g : -2.0f * (0.7978845608028654f * (g + 0.044715f * g * g * g));
+      r = g / (1.0f + vexp(z)) * u;
+    }
     memcpy(out + i, &r, sizeof(r));
   }
   for (; i < n; ++i) {
-    const float g = gate[i];
-    const float z = silu ? -g : -2.0f * (0.7978845608028654f * (g + 0.044715f * g * g * g));
-    out[i] = g / (1.0f + std::exp(z)) * up[i];
+    float g = gate[i], u = up[i];
+    if (act == Activation::SwigluOai) {
+      g = std::min(g, lim);
+      u = std::max(-lim, std::min(u, lim));
+      out[i] = g / (1.0f + std::exp(-kSwigluOaiAlpha * g)) * (u + 1.0f);
+      continue;
+    }
+    const float z = act == Activation::Silu ? -g : -2.0f * (0.7978845608028654f * (g + 0.044715f * g * g * g));
+    out[i] = g / (1.0f + std::exp(z)) * u;
   }
+}
+
+// The angle of pair k from its extrapolated angle θ_e (pos·base^(-2k/n_rot) [/ factor]): freq_scale·θ_e, or
+// YaRN's blend of that with θ_e (config.h). The plain case keeps the product order the dense models had.
+inline double rope_theta(double theta_e, int64_t k, const RopeParams& p) {
+  const double interp = double(p.freq_scale) * theta_e;
+  if (p.yarn.ext_factor == 0.0f) return interp;
+  const float y = (float(k) - p.yarn.corr_low) / std::max(0.001f, p.yarn.corr_high - p.yarn.corr_low);
+  const double ramp = double((1.0f - std::min(1.0f, std::max(0.0f, y))) * p.yarn.ext_factor);
+  return interp * (1.0 - ramp) + theta_e * ramp;
 }
 
 // MemAvailable from /proc/meminfo in MiB, or -1 where it cannot be read.
@@ -58,6 +84,11 @@ class CpuOps final : public Ops {
   float* alloc(int64_t n) override {
     buffers_.emplace_back(size_t(n > 0 ? n : 1));
     return buffers_.back().data();
+  }
+
+  int32_t* alloc_i32(int64_t n) override {
+    ibuffers_.emplace_back(size_t(n > 0 ? n : 1));
+    return ibuffers_.back().data();
   }
 
   void kv_reserve(int64_t n_layers, int64_t kv_dim, int64_t n_pos) override {
@@ -135,10 +166,11 @@ class CpuOps final : public Ops {
       for (int64_t i = b; i < e; ++i) {
         const double pos = double(pos0 + i);
         for (int64_t k = 0; k < half; ++k) {
-          double theta = double(p.freq_scale) * pos * pw[size_t(k)];
+          double theta = pos * pw[size_t(k)];
           if (p.freq_factors) theta /= double(p.freq_factors[k]);
-          cs[size_t(2 * k)] = float(std::cos(theta));
-          cs[size_t(2 * k + 1)] = float(std::sin(theta));
+          const double th = rope_theta(theta, k, p);
+          cs[size_t(2 * k)] = float(std::cos(th)) * p.yarn.mscale;
+          cs[size_t(2 * k + 1)] = float(std::sin(th)) * p.yarn.mscale;
         }
         for (int64_t h = 0; h < n_heads; ++h) {
           float* v = x + (i * n_heads + h) * head_dim;
@@ -172,8 +204,29 @@ class CpuOps final : public Ops {
   void glu(float* out, const float* gate, const float* up, int64_t n, Activation act) override {
     pool_.parallel_for((n + 4095) / 4096, 1, [&](int64_t b, int64_t e, int) {
       const int64_t lo = b * 4096, hi = e * 4096 < n ? e * 4096 : n;
-      glu_range(out + lo, gate + lo, up + lo, hi - lo, act == Activation::Silu);
+      glu_range(out + lo, gate + lo, up + lo, hi - lo, act);
     });
+  }
+
+  void router_topk(int32_t* ids, float* weights, const float* logits, int64_t n_tok, int64_t n_expert,
+                   int64_t k) override {
+    router_stats_.experts += cpu_router_topk(pool_, ids, weights, logits, n_tok, n_expert, k);
+    router_stats_.calls += 1;
+  }
+
+  void moe_matmul(float* out, const Tensor& w, const Tensor& b, const float* in, bool in_per_slot, const int32_t* ids,
+                  int64_t n_tok, int64_t k) override {
+    cpu_moe_matmul(pool_, moe_, out, w, b, in, in_per_slot, ids, n_tok, k);
+  }
+
+  void moe_combine(float* out, const float* y, const float* weights, int64_t n_tok, int64_t k, int64_t dim) override {
+    cpu_moe_combine(pool_, out, y, weights, n_tok, k, dim);
+  }
+
+  RouterStats take_router_stats() override {
+    const RouterStats s = router_stats_;
+    router_stats_ = {0, 0};
+    return s;
   }
 
   void add(float* out, const float* a, const float* b, int64_t n) override {
@@ -186,6 +239,9 @@ class CpuOps final : public Ops {
  private:
   ThreadPool pool_;
   std::list<std::vector<float>> buffers_;  // list: pointers stay valid as buffers are added
+  std::list<std::vector<int32_t>> ibuffers_;
+  RouterStats router_stats_{0, 0};
+  MoeBuffers moe_;
   std::vector<std::vector<float>> k_, v_;
   int64_t kv_dim_ = 0;
 };

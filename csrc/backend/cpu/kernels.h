@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "backend/cpu/threadpool.h"
 #include "backend/ops.h"
@@ -75,6 +76,22 @@ void cpu_matmul(ThreadPool& pool, float* out, const Tensor& w, const float* in, 
 // position for positions 0 .. pos0 + n_tok - 1.
 void cpu_attention(ThreadPool& pool, float* out, const float* q, const float* K, const float* V, int64_t pos0,
                    int64_t n_tok, const AttnParams& p);
+
+// ---- mixture of experts (moe.cpp; contracts in backend/ops.h) ----------------------------------------------
+
+// Reusable buffers of cpu_moe_matmul (one per Ops: the stage's worker calls it from one thread).
+struct MoeBuffers {
+  std::vector<int64_t> start, fill, order;  // slots sorted by expert: order[start[e] .. start[e+1])
+  std::vector<float> x, y;                  // gathered input rows / their products for one expert
+};
+
+// Returns the number of distinct experts chosen.
+int64_t cpu_router_topk(ThreadPool& pool, int32_t* ids, float* weights, const float* logits, int64_t n_tok,
+                        int64_t n_expert, int64_t k);
+void cpu_moe_matmul(ThreadPool& pool, MoeBuffers& buf, float* out, const Tensor& w, const Tensor& b, const float* in,
+                    bool in_per_slot, const int32_t* ids, int64_t n_tok, int64_t k);
+void cpu_moe_combine(ThreadPool& pool, float* out, const float* y, const float* weights, int64_t n_tok, int64_t k,
+                     int64_t dim);
 
 // The instruction sets the kernels use on this machine, e.g. "int8:avx512-vnni f32:avx512f".
 const char* cpu_simd_level();
