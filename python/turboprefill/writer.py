@@ -67,7 +67,7 @@ class SyntheticConfig:
     sliding_window: int  # gemma3, gpt-oss (even layers); 0 = no sliding window (all layers global)
     tied_embeddings: bool
     rope_freqs: bool  # llama only: rope_freqs.weight [head_dim/2] divides θ_i
-    qkv_bias: bool  # qwen2
+    qkv_bias: bool  # qwen2, gpt-oss (gpt-oss also biases attn_output)
     qk_norm: bool  # qwen3, gemma3
     post_norms: bool  # gemma3
     # gpt-oss only (0 / "linear" / False elsewhere)

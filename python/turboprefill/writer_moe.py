@@ -13,6 +13,8 @@ W_e = c·(S + 0.3·R_e) with one shared S and a per-expert R_e, all N(0, 1), c =
 (1.09 = 1 + 0.3², so an expert's output has rms = gain for an input of rms 1). gate/up get gain 3, so
 about 1 % of gate values exceed the limit 7 and 2 % of up values leave [-7, 7]: the clamps of swiglu_oai
 are exercised. down gets gain 1/6 to bring the activation (rms ≈ 6 for those inputs) back to rms ≈ 1.
+(Measured on fixture model A, layer 0, expert 0, 2000 N(0, 1) inputs: gate > 7 for 1.0 %, |up| > 7 for
+1.9 %, activation rms 6.4, expert output rms 1.05.)
 Sinks are N(2, 1): exp(2) ≈ 7 against the ≈ 128 keys of a sliding window is a few percent of the
 softmax mass, enough for a wrong sink to show in the logits.
 """
