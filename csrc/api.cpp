@@ -192,6 +192,22 @@ tp_status tp_engine_info(const tp_engine* engine, tp_model_info* out) {
   out->n_stages = int64_t(e.stages().size());
   out->n_params = e.weights().n_params;
   out->file_bytes = int64_t(e.file().file_size());
+  out->n_expert = c.n_expert;
+  out->n_expert_used = c.n_expert_used;
+  out->n_ff_exp = c.n_ff_exp;
+  out->n_swa = c.n_swa;
+  for (bool b : c.layer_swa) out->n_swa_layers += b ? 1 : 0;
+  out->attn_sinks = c.attn_sinks ? 1 : 0;
+  const char* scaling = c.yarn.ext_factor != 0.0f ? "yarn" : c.rope_freq_scale != 1.0f ? "linear" : "none";
+  std::strncpy(out->rope_scaling, scaling, sizeof(out->rope_scaling) - 1);
+  TP_GUARD_END
+}
+
+tp_status tp_engine_moe_stats(const tp_engine* engine, int64_t* steps, int64_t* experts) {
+  TP_GUARD_BEGIN
+  if (!engine || !steps || !experts) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_moe_stats: NULL argument");
+  *steps = engine->impl->router_stats().calls;
+  *experts = engine->impl->router_stats().experts;
   TP_GUARD_END
 }
 

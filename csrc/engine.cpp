@@ -263,10 +263,19 @@ void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* l
   job.logits = logits;
   job.schedule = params_.schedule;
   trace_.clear();
+  for (auto& st : stages_) st->ops->take_router_stats();  // drop counts a failed prefill left behind
   const double t0 = now_seconds();
   trace_ = pipeline_->run(job);
   last_seconds_ = now_seconds() - t0;
   n_past_ += n;
+  router_stats_ = {0, 0};
+  for (auto& st : stages_) {
+    const Ops::RouterStats r = st->ops->take_router_stats();
+    if (r.calls < 0 || router_stats_.calls < 0)
+      router_stats_ = {-1, -1};
+    else
+      router_stats_ = {router_stats_.calls + r.calls, router_stats_.experts + r.experts};
+  }
 }
 
 uint64_t Engine::kv_digest() const {

@@ -61,6 +61,8 @@ class Engine {
   const std::vector<std::unique_ptr<Stage>>& stages() const { return stages_; }
   const std::vector<TraceEvent>& trace() const { return trace_; }
   double last_seconds() const { return last_seconds_; }
+  // Routing of the last prefill over all stages (Ops::RouterStats; {-1, -1} when a backend cannot count).
+  Ops::RouterStats router_stats() const { return router_stats_; }
 
  private:
   void place_stages(const EngineParams& p);
@@ -76,6 +78,7 @@ class Engine {
   std::mutex busy_;  // one prefill at a time
   std::vector<TraceEvent> trace_;
   double last_seconds_ = 0;
+  Ops::RouterStats router_stats_;
 };
 
 // "cpu" -> {"cpu:0"}; "cpu:0,cpu:1" -> two entries; whitespace ignored. Throws on an empty or bad entry.

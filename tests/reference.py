@@ -307,6 +307,10 @@ def dequantize_tensor(t) -> np.ndarray:
 
 def load_reference_model(path: str | os.PathLike) -> RefModel:
     reader = gguf.GGUFReader(os.fspath(path))
+    if bytes(reader.fields["general.architecture"].parts[-1]).decode() == "gpt-oss":
+        from reference_moe import load_gptoss_model  # imported here: reference_moe builds on this module
+
+        return load_gptoss_model(path)
     cfg = load_config(reader)
     weights = {t.name: dequantize_tensor(t) for t in reader.tensors}
     return RefModel(cfg, weights)

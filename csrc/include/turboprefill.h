@@ -91,6 +91,13 @@ typedef struct tp_model_info {
   int64_t n_stages;
   int64_t n_params;    /* weights in the file, in elements */
   int64_t file_bytes;
+  int64_t n_expert;      /* mixture of experts: experts per layer (0 = dense FFN) */
+  int64_t n_expert_used; /* experts each token is routed to */
+  int64_t n_ff_exp;      /* hidden size of one expert */
+  int64_t n_swa;         /* sliding window in tokens (0 = none) */
+  int64_t n_swa_layers;  /* layers that use the sliding window */
+  int32_t attn_sinks;    /* 1 when attention has per-head sink logits */
+  char rope_scaling[16]; /* "none", "linear" or "yarn" */
 } tp_model_info;
 
 /* One (stage, ubatch) step of the last prefill; times in seconds since the prefill started. */
@@ -141,6 +148,12 @@ TP_API tp_status tp_engine_inject_fault(tp_engine* engine, int64_t layer);
  * when every item arrived once, in order, intact. */
 TP_API tp_status tp_ring_stress(int32_t capacity, int64_t n_items, int64_t max_delay_ns, uint64_t seed,
                                 int64_t* errors);
+
+/* Routing of the last prefill (mixture-of-experts models): *steps = (layer, ubatch) router steps run,
+ * *experts = the sum over those steps of the distinct experts the ubatch's tokens were routed to (so
+ * experts / steps = experts one ubatch touches per layer). Both are -1 when a stage's backend does not
+ * count them (cuda) and 0 for a dense model. */
+TP_API tp_status tp_engine_moe_stats(const tp_engine* engine, int64_t* steps, int64_t* experts);
 
 /* Timing of the last prefill: wall seconds and per-(stage, ubatch) trace. */
 TP_API tp_status tp_engine_last_seconds(const tp_engine* engine, double* seconds);

@@ -122,8 +122,9 @@ TP_HD void dequant_block(const block_q6_K* b, float* y) {
 
 // The E2M1 code values doubled (ggml's kvalues_mxfp4): 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives, × 2.
 TP_HD int8_t mxfp4_value(int code) {
-  // Sign in bit 3; magnitudes 0 1 2 3 4 6 8 12 for codes 0..7.
-  const int mag = (code & 7) < 4 ? (code & 7) : (code & 7) == 4 ? 4 : (code & 7) == 5 ? 6 : (code & 7) == 6 ? 8 : 12;
+  // Sign in bit 3; the magnitudes 0 1 2 3 4 6 8 12 of codes 0..7 are the nibbles of one constant (no table,
+  // no branch: the same on host and device).
+  const int mag = int((0xC8643210u >> (4 * (code & 7))) & 0xF);
   return int8_t(code & 8 ? -mag : mag);
 }
 

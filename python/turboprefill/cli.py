@@ -43,11 +43,32 @@ def cmd_info(a) -> int:
             continue
         if k.startswith(arch + ".") or k.startswith("general."):
             print(f"  {k} = {v}")
+    for line in _model_summary(arch, md, d["tensors"]):
+        print("  " + line)
     types: dict[str, int] = {}
     for t in d["tensors"]:
         types[t["type"]] = types.get(t["type"], 0) + 1
     print("  tensor types:", ", ".join(f"{k}×{v}" for k, v in sorted(types.items())))
     return 0
+
+
+def _model_summary(arch: str, md: dict, tensors: list) -> list[str]:
+    """What the engine will do with the architecture's optional features, in words."""
+    out = []
+    n_exp = md.get(f"{arch}.expert_count")
+    if n_exp:
+        out.append(f"mixture of experts: {n_exp} experts, {md.get(f'{arch}.expert_used_count', '?')} used per "
+                   f"token, expert FFN {md.get(f'{arch}.expert_feed_forward_length', '?')}")
+    window = md.get(f"{arch}.attention.sliding_window")
+    if window:
+        where = {"gpt-oss": "even layers", "gemma3": "5 of every 6 layers"}.get(arch, "some layers")
+        out.append(f"sliding window: {window} tokens on {where}")
+    if any(t["name"].endswith("attn_sinks.weight") for t in tensors):
+        out.append("attention sinks: yes (one learned logit per head)")
+    scaling = md.get(f"{arch}.rope.scaling.type")
+    if scaling and scaling != "none":
+        out.append(f"rope scaling: {scaling} ×{md.get(f'{arch}.rope.scaling.factor', '?')}")
+    return out
 
 
 def _engine(a, schedule=None):

@@ -242,6 +242,13 @@ class Engine:
             "n_stages": info.n_stages,
             "n_params": info.n_params,
             "file_bytes": info.file_bytes,
+            "n_expert": info.n_expert,
+            "n_expert_used": info.n_expert_used,
+            "n_ff_exp": info.n_ff_exp,
+            "n_swa": info.n_swa,
+            "n_swa_layers": info.n_swa_layers,
+            "attn_sinks": bool(info.attn_sinks),
+            "rope_scaling": ffi.string(info.rope_scaling).decode(),
             "devices": self.devices,
             "ubatch": self.ubatch,
             "schedule": self.schedule,
@@ -293,7 +300,13 @@ class Engine:
             seconds = ffi.new("double *")
             check(lib.tp_engine_last_seconds(h, seconds))
             trace = self._trace()
-        return PrefillResult(logits=logits, stats=_stats(trace, seconds[0], n), trace=trace)
+            steps, experts = ffi.new("int64_t *"), ffi.new("int64_t *")
+            check(lib.tp_engine_moe_stats(h, steps, experts))
+        stats = _stats(trace, seconds[0], n)
+        # Mixture of experts: distinct experts one ubatch's tokens were routed to, averaged over (layer,
+        # ubatch) steps: how many expert matrices each ubatch streams (None: dense, or not counted on cuda).
+        stats["experts_per_ubatch"] = experts[0] / steps[0] if steps[0] > 0 else None
+        return PrefillResult(logits=logits, stats=stats, trace=trace)
 
     def _run_cancellable(self, call) -> tuple[int, str]:
         """Run a blocking native call in a thread; Ctrl-C cancels it and re-raises KeyboardInterrupt.

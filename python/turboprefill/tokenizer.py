@@ -100,6 +100,16 @@ _QWEN2 = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# o200k (gpt-oss, GPT-4o) as llama.cpp runs it: the tokenizer.json regex with \p{Lu}/\p{Ll}-style classes
+# rewritten as "a letter that is not a-z / not A-Z", because llama.cpp matches on text whose non-ASCII
+# letters are collapsed into one placeholder (so a non-ASCII letter counts as both upper and lower case).
+_GPT4O = (
+    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _BPE_PRE: dict[str, tuple[str, ...]] = {
     # llama.cpp's fallback for an unnamed BPE pre-tokenizer
     "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
@@ -124,6 +134,10 @@ _BPE_PRE: dict[str, tuple[str, ...]] = {
     "deepseek-r1-qwen": (_QWEN2,),
     "stablelm2": (_QWEN2,),
     "megrez": (_QWEN2,),
+    "gpt-4o": (_GPT4O,),
+    "llama4": (_GPT4O,),
+    "kanana2": (_GPT4O,),
+    "talkie": (_GPT4O,),
 }
 # llama.cpp sets ignore_merges for the Llama-3 family: a pre-token that is itself a vocabulary entry is
 # emitted whole, without running the merges.

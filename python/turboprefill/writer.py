@@ -1,4 +1,4 @@
-"""Synthetic GGUF models: random but well-scaled weights for llama, qwen2, qwen3 and gemma3.
+"""Synthetic GGUF models: random but well-scaled weights for llama, qwen2, qwen3, gemma3 and gpt-oss.
 
 Owns three facts and nothing else: the tensor inventory of each architecture (names and GGUF shapes,
 GGUF_SPEC §5), the metadata keys the engine reads (§1.6), and llama.cpp's Q4_K_M type choice per tensor
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "gpt-oss")
 
 # Bytes per block and elements per block (GGUF_SPEC §2.1) of the types the writer can emit.
 _BLOCK = {
@@ -38,14 +38,14 @@ _BLOCK = {
 # general.file_type (llama_ftype) of each preset; informational only, readers trust per-tensor types.
 _FILE_TYPE = {
     "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
-    "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "BF16": 32, "Q4_K_M": 15,
+    "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "BF16": 32, "Q4_K_M": 15, "MXFP4": 38,
 }  # fmt: skip
 
 # llama.cpp's shape fallback (tensor_type_fallback) when ne0 is not a multiple of the 256 super-block.
 _K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
-_DEFAULT_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6, "gemma3": 1e-6}
-_DEFAULT_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6, "gemma3": 1e6}
+_DEFAULT_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6, "gemma3": 1e-6, "gpt-oss": 1e-5}
+_DEFAULT_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6, "gemma3": 1e6, "gpt-oss": 150000.0}
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,20 @@ class SyntheticConfig:
     n_ctx: int
     rms_eps: float
     rope_freq_base: float  # gemma3: the global layers' base; local layers use 10000
-    rope_scaling_factor: float | None  # linear scaling (gemma3: global layers only)
-    sliding_window: int  # gemma3 only; 0 = no sliding window (all layers global)
+    rope_scaling_factor: float | None  # linear (gemma3: global layers only), or YaRN's factor (gpt-oss)
+    sliding_window: int  # gemma3, gpt-oss (even layers); 0 = no sliding window (all layers global)
     tied_embeddings: bool
     rope_freqs: bool  # llama only: rope_freqs.weight [head_dim/2] divides θ_i
-    qkv_bias: bool  # qwen2
+    qkv_bias: bool  # qwen2, gpt-oss (gpt-oss also biases attn_output)
     qk_norm: bool  # qwen3, gemma3
     post_norms: bool  # gemma3
+    # gpt-oss only (0 / "linear" / False elsewhere)
+    n_expert: int = 0
+    n_expert_used: int = 0  # experts per token (top-k of the router)
+    n_ff_exp: int = 0  # hidden size of one expert
+    rope_scaling: str = "linear"  # how rope_scaling_factor applies: "linear" | "yarn"
+    rope_orig_ctx: int = 0  # YaRN's original context length
+    attn_sinks: bool = False  # per-head sink logits (attn_sinks.weight)
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -105,6 +112,10 @@ def tensor_type(name: str, ne: tuple[int, ...], quant: str, n_layer: int, tied: 
 
 def tensor_shapes(cfg: SyntheticConfig) -> dict[str, tuple[int, ...]]:
     """GGUF shape (ne, innermost first) of every tensor, in file order."""
+    if cfg.arch == "gpt-oss":
+        from . import writer_moe
+
+        return writer_moe.tensor_shapes(cfg)
     d, hd = cfg.n_embd, cfg.head_dim
     q_dim, kv_dim = cfg.n_head * hd, cfg.n_head_kv * hd
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (d, cfg.n_vocab)}
@@ -149,6 +160,11 @@ def draw_tensor(cfg: SyntheticConfig, name: str, ne: tuple[int, ...], seed: int)
     """The float32 weights of one tensor, numpy shape = reversed ne; depends only on (seed, name, ne)."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     shape = tuple(reversed(ne))
+    if cfg.arch == "gpt-oss":
+        from . import writer_moe
+
+        if writer_moe.owns(name):
+            return writer_moe.draw_tensor(name, ne, rng)
     if name == "rope_freqs.weight":
         return _rope_freq_factors(ne[0])
     if name.endswith("norm.weight"):
@@ -164,7 +180,8 @@ def draw_tensor(cfg: SyntheticConfig, name: str, ne: tuple[int, ...], seed: int)
 
 
 def _encode(w: np.ndarray, type_name: str) -> np.ndarray:
-    """GGUF data of `w` [rows, ne0]: float32 for F32, else our quantizer's bytes [rows, row_bytes]."""
+    """GGUF data of `w` [..., rows, ne0]: float32 for F32, else our quantizer's bytes [..., rows, row_bytes]
+    (a 3-D expert tensor keeps its leading n_expert axis: gguf reads ne from the byte array's shape)."""
     if type_name == "F32":
         return np.ascontiguousarray(w, dtype=np.float32)
     from . import quant  # F16/BF16 included: every conversion goes through the engine's own code
@@ -173,7 +190,7 @@ def _encode(w: np.ndarray, type_name: str) -> np.ndarray:
     raw = np.asarray(quant.quantize(rows, quant.GGMLType[type_name]), dtype=np.uint8)
     blck, size = _BLOCK[type_name]
     assert raw.shape == (rows.shape[0], rows.shape[1] // blck * size), (type_name, raw.shape)
-    return raw
+    return raw.reshape(*w.shape[:-1], raw.shape[1])
 
 
 def _write_tokenizer(wr, n_vocab: int) -> None:
@@ -204,20 +221,45 @@ def write_model(
     rms_eps: float | None = None,
     alignment: int | None = None,
     return_weights: bool = False,
+    n_expert: int = 8,
+    n_expert_used: int = 2,
+    n_ff_exp: int | None = None,
+    expert_quant: str | None = None,
+    rope_orig_ctx: int | None = None,
 ) -> dict:
     """Write a random model to `path` and return what was written.
 
     quant: "q4_k_m" (llama.cpp's mix, GGUF_SPEC §3.2) or one ggml type name ("f32", "f16", "bf16", "q8_0",
     "q4_k", ...) used for every 2-D weight, with llama.cpp's shape fallback where ne0 does not fit its blocks.
     tied_embeddings: default True for gemma3, False otherwise (then output.weight is written).
-    sliding_window: gemma3 only (default 512; 0 = all layers global). rope_freqs: llama only.
+    sliding_window: gemma3 (default 512) and gpt-oss (default 128, even layers); 0 = all layers global.
+    rope_freqs: llama only.
+    gpt-oss only: n_expert, n_expert_used (top-k), n_ff_exp (one expert's hidden size, default n_ff; also
+    written as feed_forward_length, as the converter does), expert_quant (a type name for the three expert
+    matrices, overriding the preset), rope_orig_ctx (YaRN's original context, default 4096);
+    rope_scaling_factor is YaRN's factor (default 32), head_dim defaults to 64, rope_freq_base to 150000.
+    quant for gpt-oss also accepts "mxfp4": llama.cpp's MXFP4_MOE mix (experts MXFP4, other matrices Q8_0);
+    writer_moe.tensor_type has the rules.
     alignment: None leaves general.alignment out (readers then use 32, as in real files); a power of two
     writes the key and aligns the data section and every tensor to it.
     Returns {"path", "config": {...}, "tensors": {name: {"type", "ne"}}, "file_type"} and, with
-    return_weights, "weights": {name: float32 array [out, in]} as drawn before quantization.
+    return_weights, "weights": {name: float32 array [out, in]} ([n_expert, out, in] for experts) as drawn
+    before quantization.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"write_model: unknown arch {arch!r}, expected one of {ARCHITECTURES}")
+    moe = arch == "gpt-oss"
+    if moe:
+        from . import writer_moe
+
+        d = writer_moe.DEFAULTS
+        head_dim = head_dim or d["head_dim"]
+        sliding_window = d["sliding_window"] if sliding_window is None else sliding_window
+        rope_scaling_factor = rope_scaling_factor or d["rope_scaling_factor"]
+        if not 0 < n_expert_used <= n_expert:
+            raise ValueError(f"write_model: need 0 < n_expert_used {n_expert_used} <= n_expert {n_expert}")
+    elif sliding_window is None:
+        sliding_window = 512 if arch == "gemma3" else 0
     head_dim = head_dim or n_embd // n_head
     n_head_kv = n_head_kv or n_head
     if n_head % n_head_kv:
@@ -226,11 +268,13 @@ def write_model(
         raise ValueError(f"write_model: head_dim {head_dim} must be even for RoPE")
     if rope_freqs and arch != "llama":
         raise ValueError("write_model: rope_freqs is a llama tensor")
-    if sliding_window and arch != "gemma3":
-        raise ValueError("write_model: sliding_window is a gemma3 key")
+    if sliding_window and arch not in ("gemma3", "gpt-oss"):
+        raise ValueError("write_model: sliding_window is a gemma3 / gpt-oss key")
     q = quant.upper()
     if q != "Q4_K_M" and q not in _BLOCK:
         raise ValueError(f"write_model: unknown quant {quant!r}; use 'q4_k_m' or one of {sorted(_BLOCK)}")
+    if expert_quant is not None and (not moe or expert_quant.upper() not in _BLOCK):
+        raise ValueError(f"write_model: expert_quant {expert_quant!r} needs arch gpt-oss and a type name")
     cfg = SyntheticConfig(
         arch=arch,
         n_vocab=n_vocab,
@@ -244,13 +288,21 @@ def write_model(
         rms_eps=rms_eps if rms_eps is not None else _DEFAULT_EPS[arch],
         rope_freq_base=rope_freq_base if rope_freq_base is not None else _DEFAULT_ROPE_BASE[arch],
         rope_scaling_factor=rope_scaling_factor,
-        sliding_window=(512 if sliding_window is None else sliding_window) if arch == "gemma3" else 0,
+        sliding_window=sliding_window,
         tied_embeddings=(arch == "gemma3") if tied_embeddings is None else tied_embeddings,
         rope_freqs=rope_freqs,
-        qkv_bias=arch == "qwen2",
+        qkv_bias=arch in ("qwen2", "gpt-oss"),
         qk_norm=arch in ("qwen3", "gemma3"),
         post_norms=arch == "gemma3",
+        n_expert=n_expert if moe else 0,
+        n_expert_used=n_expert_used if moe else 0,
+        n_ff_exp=(n_ff_exp or n_ff) if moe else 0,
+        rope_scaling="yarn" if moe else "linear",
+        rope_orig_ctx=(rope_orig_ctx or writer_moe.DEFAULTS["rope_orig_ctx"]) if moe else 0,
+        attn_sinks=moe,
     )
+    if moe and cfg.tied_embeddings:
+        raise ValueError("write_model: gpt-oss has an untied output.weight")
 
     import gguf  # the writer is a test/bench tool; the engine itself never imports gguf
 
@@ -261,16 +313,18 @@ def write_model(
     wr.add_context_length(cfg.n_ctx)
     wr.add_embedding_length(cfg.n_embd)
     wr.add_block_count(cfg.n_layer)
-    wr.add_feed_forward_length(cfg.n_ff)
+    wr.add_feed_forward_length(cfg.n_ff_exp if moe else cfg.n_ff)
     wr.add_head_count(cfg.n_head)
     wr.add_head_count_kv(cfg.n_head_kv)
-    if cfg.head_dim != cfg.n_embd // cfg.n_head or arch in ("qwen3", "gemma3"):
+    if cfg.head_dim != cfg.n_embd // cfg.n_head or arch in ("qwen3", "gemma3", "gpt-oss"):
         wr.add_key_length(cfg.head_dim)
         wr.add_value_length(cfg.head_dim)
     wr.add_layer_norm_rms_eps(cfg.rms_eps)
     wr.add_rope_freq_base(cfg.rope_freq_base)
     wr.add_rope_dimension_count(cfg.head_dim)
-    if cfg.rope_scaling_factor is not None:
+    if moe:
+        writer_moe.add_metadata(wr, cfg)  # expert counts and YaRN
+    elif cfg.rope_scaling_factor is not None:
         wr.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         wr.add_rope_scaling_factor(cfg.rope_scaling_factor)
     if cfg.sliding_window:
@@ -284,11 +338,14 @@ def write_model(
     tensors: dict[str, dict] = {}
     weights: dict[str, np.ndarray] = {}
     for name, ne in tensor_shapes(cfg).items():
-        t = tensor_type(name, ne, quant, cfg.n_layer, cfg.tied_embeddings)
+        if moe:
+            t = writer_moe.tensor_type(cfg, name, ne, quant, expert_quant)
+        else:
+            t = tensor_type(name, ne, quant, cfg.n_layer, cfg.tied_embeddings)
         w = draw_tensor(cfg, name, ne, seed)
         data = _encode(w, t)
         if t != "F32":
-            # raw bytes [rows, row_bytes]: gguf derives ne = [row_bytes/type_size*block, rows] itself
+            # raw bytes [..., rows, row_bytes]: gguf derives ne = [row_bytes/type_size*block, rows, ...]
             wr.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[t])
         else:
             wr.add_tensor(name, data)

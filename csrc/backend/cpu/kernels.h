@@ -70,6 +70,13 @@ __attribute__((always_inline)) inline v16f vexp(v16f x) {
 // out[t][r] = sum_k W[r][k] * in[t][k]: two-stage int8 activations × int8 weight tiles for the quantized
 // types, f32 for F32/F16/BF16 (matmul.cpp); each (row, token) in a fixed order.
 void cpu_matmul(ThreadPool& pool, float* out, const Tensor& w, const float* in, int64_t n_tok);
+// The f32 path of cpu_matmul (matmul_f32.cpp).
+void cpu_matmul_f32(ThreadPool& pool, float* out, const Tensor& w, const float* in, int64_t n_tok);
+// Grouped product of a 3-D expert tensor: y[s] = w.mat(e) · in[src[s]] for s in [start[e], start[e+1]),
+// every expert e < w.mats (in: [n_in, w.cols], y: [start[w.mats], w.mat_rows()]). Each row's result equals
+// cpu_matmul's for that row. Returns false, computing nothing, for weight types without the int8 path.
+bool cpu_matmul_grouped(ThreadPool& pool, float* y, const Tensor& w, const float* in, int64_t n_in, const int64_t* src,
+                        const int64_t* start);
 
 // Causal (optionally sliding-window) attention, flash style: query blocks of one KV head against key
 // tiles with an online softmax; never materializes the score matrix. K and V hold kv_dim floats per
@@ -82,7 +89,8 @@ void cpu_attention(ThreadPool& pool, float* out, const float* q, const float* K,
 // Reusable buffers of cpu_moe_matmul (one per Ops: the stage's worker calls it from one thread).
 struct MoeBuffers {
   std::vector<int64_t> start, fill, order;  // slots sorted by expert: order[start[e] .. start[e+1])
-  std::vector<float> x, y;                  // gathered input rows / their products for one expert
+  std::vector<int64_t> src;                 // input row of each sorted slot
+  std::vector<float> x, y;                  // gathered float input rows (float experts) / sorted products
 };
 
 // Returns the number of distinct experts chosen.

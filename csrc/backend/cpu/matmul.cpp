@@ -22,8 +22,7 @@
 // the same IEEE operations in the same order — so the results are bit-identical across AVX-512, AVX2 and
 // scalar, across thread counts, and across ubatch splits (tests/test_cpu_kernels.py checks it).
 //
-// F32/F16/BF16 (and types without int8 unpacking) keep the f32 path: rows decoded into a thread-local
-// tile and multiplied with a register-blocked f32 kernel, compiled per ISA with target_clones.
+// F32/F16/BF16 (and types without int8 unpacking) take the f32 path in matmul_f32.cpp.
 //
 // ISA: the library is built for baseline x86-64; the int8 kernels carry __attribute__((target)) and are
 // picked at run time with __builtin_cpu_supports (cpu_set_isa_override forces a lower level for tests).
@@ -50,72 +49,6 @@
 namespace tp {
 
 namespace {
-
-// ---------------------------------------------------------------------------------------------------------
-// f32 path (F32/F16/BF16 weights)
-// ---------------------------------------------------------------------------------------------------------
-
-constexpr int64_t kRowTile = 16;
-constexpr int kVec = 16;
-
-// NR rows of w (stride ldw) times NT rows of x (stride ldx), K elements; out[t * ldo + r].
-template <int NR, int NT>
-__attribute__((always_inline)) inline void dot_block(const float* w, int64_t ldw, const float* x, int64_t ldx,
-                                                     int64_t K, float* out, int64_t ldo) {
-  v16f acc[NR][NT];
-  for (int r = 0; r < NR; ++r)
-    for (int t = 0; t < NT; ++t) acc[r][t] = v16f{};
-  int64_t k = 0;
-  for (; k + kVec <= K; k += kVec) {
-    v16f xv[NT];
-    for (int t = 0; t < NT; ++t) memcpy(&xv[t], x + t * ldx + k, sizeof(v16f));
-    for (int r = 0; r < NR; ++r) {
-      v16f wv;
-      memcpy(&wv, w + r * ldw + k, sizeof(v16f));
-      for (int t = 0; t < NT; ++t) acc[r][t] += wv * xv[t];
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    for (int t = 0; t < NT; ++t) {
-      // Fixed-order horizontal sum, then the scalar tail.
-      float s = 0.0f;
-      for (int i = 0; i < kVec; ++i) s += acc[r][t][i];
-      for (int64_t kk = k; kk < K; ++kk) s += w[r * ldw + kk] * x[t * ldx + kk];
-      out[t * ldo + r] = s;
-    }
-  }
-}
-
-// Rows [0, nr) of a decoded tile against all n_tok tokens.
-TP_CPU_CLONES void tile_times_tokens(const float* wt, int64_t nr, int64_t K, const float* x, int64_t n_tok,
-                                     float* out, int64_t ldo) {
-  int64_t r = 0;
-  for (; r + 4 <= nr; r += 4) {
-    int64_t t = 0;
-    for (; t + 4 <= n_tok; t += 4) dot_block<4, 4>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
-    for (; t < n_tok; ++t) dot_block<4, 1>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
-  }
-  for (; r < nr; ++r) {
-    int64_t t = 0;
-    for (; t + 4 <= n_tok; t += 4) dot_block<1, 4>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
-    for (; t < n_tok; ++t) dot_block<1, 1>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
-  }
-}
-
-void matmul_f32(ThreadPool& pool, float* out, const Tensor& w, const float* in, int64_t n_tok) {
-  const int64_t K = w.cols, N = w.rows;
-  const int64_t n_tiles = (N + kRowTile - 1) / kRowTile;
-  pool.parallel_for(n_tiles, 1, [&](int64_t b, int64_t e, int) {
-    thread_local std::vector<float> tile;
-    if (int64_t(tile.size()) < kRowTile * K) tile.resize(size_t(kRowTile * K));
-    for (int64_t ti = b; ti < e; ++ti) {
-      const int64_t r0 = ti * kRowTile;
-      const int64_t nr = N - r0 < kRowTile ? N - r0 : kRowTile;
-      for (int64_t r = 0; r < nr; ++r) dequantize_row(w.type, w.row(r0 + r), tile.data() + r * K, K);
-      tile_times_tokens(tile.data(), nr, K, in, n_tok, out + r0, N);
-    }
-  });
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // int8 path
@@ -502,38 +435,54 @@ ActBuf& act_buf() {
   thread_local ActBuf b;
   return b;
 }
+ActBuf& gathered_buf() {
+  thread_local ActBuf b;
+  return b;
+}
 Tile& tile_buf() {
   thread_local Tile t;
   return t;
 }
 
-template <class B>
-void matmul_int8(ThreadPool& pool, float* out, const Tensor& w, const float* in, int64_t n_tok) {
-  const int64_t K = w.cols, N = w.rows, G = K / 32;
-  const int isa = active_isa();
-  const KernelSet<B> ks = kernels_for<B>(isa);
-
-  // 1. Quantize the activations, one token row per work item.
-  ActBuf& ab = act_buf();
-  std::vector<int8_t>& xq = ab.q;
-  std::vector<AMeta>& meta = ab.meta;
-  const int64_t ldx = G * kActBytes;
-  if (int64_t(xq.size()) < n_tok * ldx) xq.resize(size_t(n_tok * ldx));
-  if (int64_t(meta.size()) < n_tok * G) meta.resize(size_t(n_tok * G));
-  int8_t* xqp = xq.data();
-  AMeta* mp = meta.data();
-  pool.parallel_for(n_tok, 4, [&](int64_t b, int64_t e, int) {
+// Quantizes n rows of K floats into ab: row t's quants at t * ldx bytes, its metadata at t * G.
+void quantize_act(ThreadPool& pool, int isa, const float* in, int64_t n, int64_t K, ActBuf& ab) {
+  const int64_t G = K / 32, ldx = G * kActBytes;
+  if (int64_t(ab.q.size()) < n * ldx) ab.q.resize(size_t(n * ldx));
+  if (int64_t(ab.meta.size()) < n * G) ab.meta.resize(size_t(n * G));
+  int8_t* xq = ab.q.data();
+  AMeta* mp = ab.meta.data();
+  pool.parallel_for(n, 4, [&](int64_t b, int64_t e, int) {
     for (int64_t t = b; t < e; ++t) {
 #if TP_X86
       if (isa == kAvx512Vnni) {
-        quantize_row_avx512(in + t * K, K, xqp + t * ldx, mp + t * G);
+        quantize_row_avx512(in + t * K, K, xq + t * ldx, mp + t * G);
         continue;
       }
 #endif
-      quantize_row_scalar(in + t * K, K, xqp + t * ldx, mp + t * G);
+      quantize_row_scalar(in + t * K, K, xq + t * ldx, mp + t * G);
     }
   });
+}
 
+// A decoded tile times n consecutive quantized rows (quants stride ldx, metadata stride G): out[t * ldo + r].
+template <class B>
+void tile_times_rows(const KernelSet<B>& ks, const Tile& tile, int64_t G, const int8_t* xq, int64_t ldx,
+                     const AMeta* mp, int64_t n, float* out, int64_t ldo, int nr) {
+  // Two stages double the int32 accumulators: fewer tokens per block avoid register spills (measured).
+  constexpr int blk = two_stage<B>() ? (Unpack<B>::kSplit ? 2 : 3) : kTokBlk;
+  int64_t t = 0;
+  for (; t + blk <= n; t += blk) ks.fn[blk - 1](tile, G, xq + t * ldx, ldx, mp + t * G, out + t * ldo, ldo, nr);
+  if (t < n) ks.fn[n - t - 1](tile, G, xq + t * ldx, ldx, mp + t * G, out + t * ldo, ldo, nr);
+}
+
+template <class B>
+void matmul_int8(ThreadPool& pool, float* out, const Tensor& w, const float* in, int64_t n_tok) {
+  const int64_t K = w.cols, N = w.rows, G = K / 32, ldx = G * kActBytes;
+  const int isa = active_isa();
+  const KernelSet<B> ks = kernels_for<B>(isa);
+  // 1. Quantize the activations, one token row per work item.
+  ActBuf& ab = act_buf();
+  quantize_act(pool, isa, in, n_tok, K, ab);
   // 2. Row tiles: decode once, then every token block.
   const int64_t n_tiles = (N + kTileRows - 1) / kTileRows;
   pool.parallel_for(n_tiles, 1, [&](int64_t b, int64_t e, int) {
@@ -543,12 +492,47 @@ void matmul_int8(ThreadPool& pool, float* out, const Tensor& w, const float* in,
       const int64_t r0 = ti * kTileRows;
       const int nr = int(N - r0 < kTileRows ? N - r0 : kTileRows);
       decode_tile<B>(w, r0, nr, G, tile);
-      int64_t t = 0;
-      // Two stages double the int32 accumulators: fewer tokens per block avoid register spills (measured).
-      constexpr int blk = two_stage<B>() ? (Unpack<B>::kSplit ? 2 : 3) : kTokBlk;
-      for (; t + blk <= n_tok; t += blk)
-        ks.fn[blk - 1](tile, G, xqp + t * ldx, ldx, mp + t * G, out + t * N + r0, N, nr);
-      if (t < n_tok) ks.fn[n_tok - t - 1](tile, G, xqp + t * ldx, ldx, mp + t * G, out + t * N + r0, N, nr);
+      tile_times_rows<B>(ks, tile, G, ab.q.data(), ldx, ab.meta.data(), n_tok, out + r0, N, nr);
+    }
+  });
+}
+
+// The grouped expert product (kernels.h): each input row is quantized once however many experts read it,
+// the quantized rows are gathered in slot order, and the (expert, row tile) pairs of all experts with slots
+// are one work list, so small experts do not each pay a parallel_for.
+template <class B>
+void matmul_int8_grouped(ThreadPool& pool, float* y, const Tensor& w, const float* in, int64_t n_in,
+                         const int64_t* src, const int64_t* start) {
+  const int64_t K = w.cols, R = w.mat_rows(), G = K / 32, ldx = G * kActBytes, n_rows = start[w.mats];
+  const int isa = active_isa();
+  const KernelSet<B> ks = kernels_for<B>(isa);
+  ActBuf& ab = act_buf();
+  quantize_act(pool, isa, in, n_in, K, ab);
+  // By reference: a thread_local named inside the lambdas would be each worker's own.
+  ActBuf& gathered = gathered_buf();
+  if (int64_t(gathered.q.size()) < n_rows * ldx) gathered.q.resize(size_t(n_rows * ldx));
+  if (int64_t(gathered.meta.size()) < n_rows * G) gathered.meta.resize(size_t(n_rows * G));
+  pool.parallel_for(n_rows, 16, [&](int64_t b, int64_t e, int) {
+    for (int64_t s = b; s < e; ++s) {
+      memcpy(gathered.q.data() + s * ldx, ab.q.data() + src[s] * ldx, size_t(ldx));
+      memcpy(gathered.meta.data() + s * G, ab.meta.data() + src[s] * G, size_t(G) * sizeof(AMeta));
+    }
+  });
+  const int64_t tiles = (R + kTileRows - 1) / kTileRows;
+  std::vector<int64_t> items;  // expert * tiles + tile, for experts with slots
+  for (int64_t e = 0; e < w.mats; ++e)
+    if (start[e + 1] > start[e])
+      for (int64_t ti = 0; ti < tiles; ++ti) items.push_back(e * tiles + ti);
+  pool.parallel_for(int64_t(items.size()), 1, [&](int64_t b, int64_t e, int) {
+    Tile& tile = tile_buf();
+    tile.reserve(G);
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t ex = items[size_t(it)] / tiles, r0 = items[size_t(it)] % tiles * kTileRows;
+      const int nr = int(R - r0 < kTileRows ? R - r0 : kTileRows);
+      decode_tile<B>(w.mat(ex), r0, nr, G, tile);
+      const int64_t s0 = start[ex];
+      tile_times_rows<B>(ks, tile, G, gathered.q.data() + s0 * ldx, ldx, gathered.meta.data() + s0 * G,
+                         start[ex + 1] - s0, y + s0 * R + r0, R, nr);
     }
   });
 }
@@ -560,7 +544,15 @@ void cpu_matmul(ThreadPool& pool, float* out, const Tensor& w, const float* in, 
     matmul_int8<typename decltype(tag)::type>(pool, out, w, in, n_tok);
     return true;
   });
-  if (!done) matmul_f32(pool, out, w, in, n_tok);
+  if (!done) cpu_matmul_f32(pool, out, w, in, n_tok);
+}
+
+bool cpu_matmul_grouped(ThreadPool& pool, float* y, const Tensor& w, const float* in, int64_t n_in, const int64_t* src,
+                        const int64_t* start) {
+  return visit_unpack_type(w.type, false, [&](auto tag) {
+    matmul_int8_grouped<typename decltype(tag)::type>(pool, y, w, in, n_in, src, start);
+    return true;
+  });
 }
 
 void cpu_set_isa_override(int level) { g_isa_override.store(level, std::memory_order_relaxed); }
