@@ -85,6 +85,8 @@ def test_int8_matmul_isas_bit_identical(t, rows, n_tok):
     raw = random_blocks(t, rows * k // block, rng) if rows == 7 else make_weights(t, rows, k, rng)
     x = rng.standard_normal((n_tok, k)).astype(np.float32) * np.float32(3.0)
     x[0, :32] = 0.0  # an all-zero activation group
+    x[-1, 32:64] = np.arange(32) - 15.5  # d1 = 127 / 127 = 1: every x / d1 is a tie (round half away from 0)
+    x[-1, 63] = 127.0
     ref = cpu_matmul(raw, t, rows, k, x, threads=1, isa="scalar")
     for isa in ("avx2", "vnni"):
         for th in (1, 2):

@@ -27,6 +27,7 @@
 // ISA: the library is built for baseline x86-64; the int8 kernels carry __attribute__((target)) and are
 // picked at run time with __builtin_cpu_supports (cpu_set_isa_override forces a lower level for tests).
 #include <atomic>
+#include <type_traits>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -119,6 +120,38 @@ constexpr int bias_of() {
   return Unpack<B>::kQMin < 0 ? -Unpack<B>::kQMin : 0;
 }
 
+// MXFP4 is the expert format of gpt-oss, where a ubatch gives each expert few tokens and decoding the tile is
+// as costly as multiplying it: its codes map to the biased quants (value + 12) by one 16-entry table lookup
+// per nibble (pshufb where the CPU has SSSE3) instead of unpack_group's per-element arithmetic. Same values.
+constexpr uint8_t kMxfp4Biased[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+static_assert(kMxfp4Biased[7] == 12 + 12 && kMxfp4Biased[15] == 12 - 12, "value + bias_of<block_mxfp4>()");
+
+#if TP_X86
+__attribute__((target("ssse3"))) void mxfp4_lookup_ssse3(const uint8_t* qs, uint8_t* u) {
+  const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kMxfp4Biased));
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)), m = _mm_set1_epi8(0x0F);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(u), _mm_shuffle_epi8(lut, _mm_and_si128(v, m)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(u + 16), _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m)));
+}
+#endif
+
+WGroup unpack_mxfp4_biased(const block_mxfp4& b, uint8_t* u) {
+#if TP_X86
+  static const bool ssse3 = __builtin_cpu_supports("ssse3");
+  if (ssse3) {
+    mxfp4_lookup_ssse3(b.qs, u);
+  } else
+#endif
+  {
+    for (int j = 0; j < 16; ++j) {
+      u[j] = kMxfp4Biased[b.qs[j] & 0xF];
+      u[j + 16] = kMxfp4Biased[b.qs[j] >> 4];
+    }
+  }
+  const float d = e8m0_to_f32_half(b.e);
+  return {{d, d}, -0.0f};
+}
+
 // Decodes rows [r0, r0 + nr) of w into T; rows nr.. of the tile are zero.
 template <class B>
 void decode_tile(const Tensor& w, int64_t r0, int nr, int64_t G, Tile& T) {
@@ -133,10 +166,15 @@ void decode_tile(const Tensor& w, int64_t r0, int nr, int64_t G, Tile& T) {
     }
     const B* row = reinterpret_cast<const B*>(w.row(r0 + r));
     for (int64_t g = 0; g < G; ++g) {
-      int8_t q[32];
-      const WGroup wg = unpack_row_group(row, g, q);
       uint8_t u[32];
-      for (int i = 0; i < 32; ++i) u[i] = uint8_t(int(q[i]) + bias);
+      WGroup wg;
+      if constexpr (std::is_same_v<B, block_mxfp4>) {
+        wg = unpack_mxfp4_biased(row[g], u);
+      } else {
+        int8_t q[32];
+        wg = unpack_row_group(row, g, q);
+        for (int i = 0; i < 32; ++i) u[i] = uint8_t(int(q[i]) + bias);
+      }
       uint8_t* dst = &T.q[size_t(g * kGroupBytes + r * 4)];
       for (int c = 0; c < 8; ++c) memcpy(dst + c * 4 * kTileRows, u + 4 * c, 4);
       T.d0[size_t(g * kTileRows + r)] = wg.d[0];
@@ -200,11 +238,75 @@ TP_AVX512_TARGET void quantize_row_avx512(const float* x, int64_t K, int8_t* q, 
     for (int h = 0; h < 2; ++h) {
       const __m512i i1 = q8_quantize16(v[h], d1v);
       const __m512 r = _mm512_fmadd_ps(nd1, _mm512_maskz_cvtepi32_ps(__mmask16(0xFFFF), i1), v[h]);
-      const __m512i i2 = q8_quantize16(r, dv);
+      const __m512i i2 = d == 0.0f ? _mm512_setzero_si512() : q8_quantize16(r, dv);  // d1 / 128 underflowed
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + 16 * h), _mm512_cvtepi32_epi8(i1));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + 32 + 16 * h), _mm512_cvtepi32_epi8(i2));
       sums[h] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(i1, 7), i2));
       sums1[h] = _mm512_reduce_add_epi32(i1);
+    }
+    meta[g] = {d, q8_sum(d, sums[0] + sums[1]), sums[0], sums[1], d1, q8_sum(d1, sums1[0] + sums1[1]), sums1[0],
+               sums1[1]};
+  }
+}
+#endif
+
+#if TP_X86
+#define TP_AVX2_QTARGET __attribute__((target("avx2,fma")))
+
+// q8_quantize of 8 lanes, bit-identical (as q8_quantize16): IEEE division, round half away from zero.
+TP_AVX2_QTARGET inline __m256i q8_quantize8(__m256 v, __m256 dv) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 y = _mm256_div_ps(v, dv);
+  const __m256 t = _mm256_round_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m256 frac = _mm256_andnot_ps(sign, _mm256_sub_ps(y, t));  // exact
+  const __m256 up = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m256 step = _mm256_or_ps(_mm256_set1_ps(1.0f), _mm256_and_ps(y, sign));  // ±1 with y's sign
+  return _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, step)));
+}
+
+// 8 int32 lanes (each in [-128, 127]) to 8 int8 in lane order.
+TP_AVX2_QTARGET inline void store_i8x8(int8_t* dst, __m256i v) {
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packs_epi16(w, w));
+}
+
+TP_AVX2_QTARGET inline int32_t hsum8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// quantize_row_scalar on AVX2, bit-identical: the same divisions, roundings and one fma per element.
+TP_AVX2_QTARGET void quantize_row_avx2(const float* x, int64_t K, int8_t* q, AMeta* meta) {
+  const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t g = 0; g < K / 32; ++g) {
+    int8_t* q1 = q + kActBytes * g;
+    __m256 v[4], am = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + 32 * g + 8 * i);
+      am = _mm256_max_ps(am, _mm256_and_ps(v[i], absm));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float d1 = q8_scale(_mm_cvtss_f32(m4));
+    if (d1 == 0.0f) {
+      memset(q1, 0, kActBytes);
+      meta[g] = {0.0f, q8_sum(0.0f, 0), 0, 0, 0.0f, q8_sum(0.0f, 0), 0, 0};
+      continue;
+    }
+    const float d = d1 * (1.0f / 128.0f);
+    const __m256 d1v = _mm256_set1_ps(d1), dv = _mm256_set1_ps(d), nd1 = _mm256_set1_ps(-d1);
+    int32_t sums[2] = {0, 0}, sums1[2] = {0, 0};
+    for (int i = 0; i < 4; ++i) {
+      const __m256i i1 = q8_quantize8(v[i], d1v);
+      const __m256 r = _mm256_fmadd_ps(nd1, _mm256_cvtepi32_ps(i1), v[i]);
+      const __m256i i2 = d == 0.0f ? _mm256_setzero_si256() : q8_quantize8(r, dv);  // d1 / 128 underflowed
+      store_i8x8(q1 + 8 * i, i1);
+      store_i8x8(q1 + 32 + 8 * i, i2);
+      sums[i / 2] += hsum8(_mm256_add_epi32(_mm256_slli_epi32(i1, 7), i2));
+      sums1[i / 2] += hsum8(i1);
     }
     meta[g] = {d, q8_sum(d, sums[0] + sums[1]), sums[0], sums[1], d1, q8_sum(d1, sums1[0] + sums1[1]), sums1[0],
                sums1[1]};
@@ -456,6 +558,10 @@ void quantize_act(ThreadPool& pool, int isa, const float* in, int64_t n, int64_t
 #if TP_X86
       if (isa == kAvx512Vnni) {
         quantize_row_avx512(in + t * K, K, xq + t * ldx, mp + t * G);
+        continue;
+      }
+      if (isa == kAvx2) {
+        quantize_row_avx2(in + t * K, K, xq + t * ldx, mp + t * G);
         continue;
       }
 #endif
