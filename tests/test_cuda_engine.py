@@ -131,8 +131,8 @@ def test_cuda_gptoss_prefill_matches_cpu_engine(tmp_path, quant, expert_quant, n
     keeps an f16 KV cache; 0.999 leaves room for that, a wrong expert, bias or dropped sink does not (the
     argmax is not compared: these small random models have near-tied top logits)."""
     path = tmp_path / "m.gguf"
-    write_model(path, "gpt-oss", n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=4,
-                n_ff_exp=128, n_layer=2, n_vocab=200, quant=quant, expert_quant=expert_quant, sliding_window=16)  # fmt: skip
+    kw = dict(n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=4, n_ff_exp=128, n_layer=2)
+    write_model(path, "gpt-oss", **kw, n_vocab=200, quant=quant, expert_quant=expert_quant, sliding_window=16)
     toks = prompt(n_tok, 200, seed=9)
     ref = Engine(path, devices="cpu", threads=2, ubatch=ubatch).prefill(toks).logits.ravel()
     got = Engine(path, devices=devices, ubatch=ubatch).prefill(toks).logits.ravel()

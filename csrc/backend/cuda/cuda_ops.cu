@@ -5,7 +5,11 @@
 // Weights: the model's Tensors point into the host mapping; upload() copies one to the GPU once and later
 // calls find the copy by the tensor's host address (weight()), so the decoder passes the same Tensors to
 // every backend. The engine uploads a stage's tensors at placement; anything not uploaded is copied on
-// first use. RopeParams::freq_factors (a host pointer into the mapping) is looked up the same way.
+// first use. RopeParams::freq_factors (a host pointer into the mapping) and AttnParams::sinks are looked up
+// the same way. Mixture of experts: expert ids stay on the GPU (alloc_i32); router_topk, moe_matmul (routing
+// and the grouped matmul on the device, matmul_moe.cu) and moe_combine never read them on the host, and
+// moe_matmul shares the matmul scratch (grown on the first ubatch that needs more than upload() reserved,
+// since the per-slot input of the down projection is k times a ubatch).
 //
 // Ordering: every op is enqueued on stream_ and returns at once. Nothing in the per-ubatch path blocks the
 // host: no cudaDeviceSynchronize / cudaStreamSynchronize, no pageable-memory copies (token ids travel in

@@ -10,6 +10,8 @@
 //   quantized types    activations -> int8 groups of 32 in `scratch` (quant/unpack.h: q, d = amax/127,
 //                      s = d·Σq), then n_tok <= 8: MMVQ (warp per row, dp4a, matmul_mmvq.cu) or
 //                      n_tok > 8: MMQ (64×64 tiles, int8 mma.sync on sm_80+, dp4a on sm_75; matmul_mmq.cuh).
+// MoE (tp_moe_matmul_cuda, matmul_moe.cu): the same int8 kernels, grouped by expert through a device-built
+// tile table; float experts a warp per (row, slot).
 // Both int8 paths compute per (row, token, 32-group) the integers Σ q_w·q_x exactly and combine them with
 // tp::group_dot, so they equal tp_unpack_matmul_int8 (CPU, unpack_check.cpp) up to the order in which
 // the f32 group terms are added.

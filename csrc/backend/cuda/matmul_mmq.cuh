@@ -259,7 +259,8 @@ __global__ void __launch_bounds__(kMmqThreads)
   }
   __syncthreads();
   mmq_tile<B>(out, w + int64_t(tile.expert) * rows * row_bytes, row_bytes, rows, k, xq, xds,
-              int64_t(blockIdx.x) * kMmqRows, tile.count, src, dst, bias ? bias + int64_t(tile.expert) * rows : nullptr);
+              int64_t(blockIdx.x) * kMmqRows, tile.count, src, dst,
+              bias ? bias + int64_t(tile.expert) * rows : nullptr);
 }
 
 

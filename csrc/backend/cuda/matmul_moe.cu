@@ -147,7 +147,8 @@ cudaError_t tp_moe_matmul_cuda(float* out, const void* w, tp::GgmlType type, int
 
     const QuantAct xa{q, ds};
     const MoeRoute route{order, tiles, int32_t(k_used), in_per_slot, int32_t(l.tile)};
-    if (l.tile == kMmvMaxTok) return mmvq_moe_launch<B>(out, w, row_bytes, rows, k, xa, route, l.max_tiles, bias, stream);
+    if (l.tile == kMmvMaxTok)
+      return mmvq_moe_launch<B>(out, w, row_bytes, rows, k, xa, route, l.max_tiles, bias, stream);
     return mmq_moe_launch<B>(out, w, row_bytes, rows, k, xa, route, l.max_tiles, bias, stream);
   });
 }

@@ -275,7 +275,8 @@ TP_API tp_status tp_cuda_op_test_moe_matmul(int32_t device, float* out, int32_t 
   require(out && w && in && ids && n_expert > 0 && rows > 0 && cols > 0 && n_tok > 0 && k > 0 && tt.block_elems > 0 &&
               cols % tt.block_elems == 0,
           "moe_matmul");
-  for (int64_t i = 0; i < n_tok * k; ++i) require(ids[i] >= 0 && ids[i] < n_expert, "moe_matmul expert id out of range");
+  for (int64_t i = 0; i < n_tok * k; ++i)
+    require(ids[i] >= 0 && ids[i] < n_expert, "moe_matmul expert id out of range");
   Gpu g(device);
   tp::Tensor t;
   t.name = "test.ffn_exps";

@@ -20,7 +20,8 @@ __global__ void rope_kernel(float* x, int64_t n_heads, int64_t head_dim, int64_t
     if (freq_factors) theta_e /= double(freq_factors[k]);
     double theta = __dmul_rn(double(freq_scale), theta_e);
     if (yarn.ext_factor != 0.0f) {
-      const float y = __fdiv_rn(__fsub_rn(float(k), yarn.corr_low), fmaxf(0.001f, __fsub_rn(yarn.corr_high, yarn.corr_low)));
+      const float span = fmaxf(0.001f, __fsub_rn(yarn.corr_high, yarn.corr_low));
+      const float y = __fdiv_rn(__fsub_rn(float(k), yarn.corr_low), span);
       const double ramp = double(__fmul_rn(__fsub_rn(1.0f, fminf(1.0f, fmaxf(0.0f, y))), yarn.ext_factor));
       theta = __dadd_rn(__dmul_rn(theta, __dadd_rn(1.0, -ramp)), __dmul_rn(theta_e, ramp));  // no FMA: the CPU's
     }
