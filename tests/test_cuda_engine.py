@@ -126,17 +126,20 @@ def test_cuda_every_weight_type(synthetic_model, quant):
 def test_cuda_gptoss_prefill_matches_cpu_engine(tmp_path, quant, expert_quant, n_tok, ubatch, devices):
     """gpt-oss end to end on the GPU — device routing, the grouped expert matmul (MMVQ tiles for ubatches of
     <= 8 tokens, MMQ tiles above; the float path for F32 experts), swiglu_oai, YaRN, sinks, the even-layer
-    window — against the CPU engine: cosine >= 0.999 of the last token's logits. The GPU quantizes activations
-    in one int8 stage (the CPU in two, cpu/matmul.cpp: ~1 % logit difference on the dense models too) and
-    keeps an f16 KV cache; 0.999 leaves room for that, a wrong expert, bias or dropped sink does not (the
-    argmax is not compared: these small random models have near-tied top logits)."""
+    window — against the CPU engine, per token: the median token's logits at cosine >= 0.999 and every token
+    at >= 0.99. The GPU quantizes activations in one int8 stage (the CPU in two, cpu/matmul.cpp) and keeps an
+    f16 KV cache: measured 1 - cos ≈ 6e-5 on a typical token, but a near-tied router logit then picks
+    another expert for a few tokens (measured up to 4.4e-3 on emulated sm_75, Q5_0 experts; the last token
+    is one of them there), so the last token alone cannot be held to 0.999 on every GPU. A wrong expert row,
+    bias or dropped sink moves every token by far more."""
     path = tmp_path / "m.gguf"
     kw = dict(n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=4, n_ff_exp=128, n_layer=2)
     write_model(path, "gpt-oss", **kw, n_vocab=200, quant=quant, expert_quant=expert_quant, sliding_window=16)
     toks = prompt(n_tok, 200, seed=9)
-    ref = Engine(path, devices="cpu", threads=2, ubatch=ubatch).prefill(toks).logits.ravel()
-    got = Engine(path, devices=devices, ubatch=ubatch).prefill(toks).logits.ravel()
-    assert 1.0 - one_minus_cos(got, ref) >= 0.999
+    ref = Engine(path, devices="cpu", threads=2, ubatch=ubatch).prefill(toks, all_logits=True).logits
+    got = Engine(path, devices=devices, ubatch=ubatch).prefill(toks, all_logits=True).logits
+    cos = [1.0 - one_minus_cos(g, r) for g, r in zip(got, ref)]
+    assert np.median(cos) >= 0.999 and min(cos) >= 0.99, np.round(cos, 5)
 
 
 @pytest.mark.cuda
