@@ -308,7 +308,10 @@ class Tokenizer:
         vocab = {}
         for i, t in enumerate(self.tokens):
             vocab[t] = i  # a duplicated text maps to its last id, like llama.cpp's token_to_id
-        bpe = BPE(vocab=vocab, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES)
+        try:
+            bpe = BPE(vocab=vocab, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES)
+        except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of a text not in tokens
+            raise ValueError(f"cannot build a BPE tokenizer from tokenizer.ggml.tokens/merges: {e}") from e
         hf = HFTokenizer(bpe)
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in regexes]
@@ -384,6 +387,10 @@ class Tokenizer:
         ``add_eos_token``), so a model that declares no BOS (SmolLM2) gets none. ``special=True`` also
         turns the texts of control tokens (e.g. ``<start_of_turn>``) into those tokens.
         """
+        try:
+            text.encode("utf-8")  # a str with lone surrogates (e.g. from os.fsdecode) is not text to tokenize
+        except UnicodeEncodeError as e:
+            raise ValueError(f"cannot tokenize text that is not valid Unicode ({e.reason} at {e.start})") from e
         out: list[int] = []
         if add_bos and self.add_bos and self.bos_id is not None:
             out.append(self.bos_id)
