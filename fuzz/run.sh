@@ -23,7 +23,12 @@ case "$target" in
       exec "$out/fuzz/tp_fuzz_gguf" -max_len=65536 "${common[@]}"
     ;;
   tokenizer)
-    exec env PYTHONPATH="python${PYTHONPATH:+:$PYTHONPATH}" python3 fuzz/tokenizer_fuzz.py -max_len=16384 -rss_limit_mb=4096 "${common[@]}"
+    # The package from python/ when a library is built in build/ (or named by TURBOPREFILL_LIB), else the
+    # installed one (CI, after `pip install .`).
+    if [ -e build/libturboprefill.so ] || [ -n "${TURBOPREFILL_LIB:-}" ]; then
+      export PYTHONPATH="python${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    exec python3 fuzz/tokenizer_fuzz.py -max_len=16384 -rss_limit_mb=4096 "${common[@]}"
     ;;
   *)
     echo "fuzz/run.sh: unknown target '$target' (expected gguf or tokenizer)" >&2
