@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from turboprefill.bench import machine_info, sweep, write_results
+from turboprefill.bench import machine_info, report, sweep
 from turboprefill.models import resolve_model
 
 
@@ -29,15 +29,14 @@ def main() -> int:
     ap.add_argument("--schedules", default="sequential,pipelined")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--no-plots", action="store_true", help="skip the plots (they need matplotlib)")
     a = ap.parse_args()
     model = str(resolve_model(a.model))
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     rows = sweep(model, ctxs=ints(a.ctx), ubatches=ints(a.ubatch), devices_list=a.devices.split(";"),
                  schedules=a.schedules.split(","), threads=a.threads, repeat=a.repeat)
-    res = write_results(rows, a.out, {**machine_info(), "model": model, "command": " ".join(sys.argv)})
-    print(res["table"])
-    print("written:", res["dir"], *res["plots"])
-    return 0
+    meta = {**machine_info(), "model": model, "command": " ".join(sys.argv)}
+    return report(rows, a.out, meta, make_plots=not a.no_plots)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,7 @@ void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* l
   if (logits && logits_len < need)
     fail(TP_ERR_INVALID_ARGUMENT, "logits buffer holds %lld floats, need %lld", (long long)logits_len, (long long)need);
 
+  file_->check_intact();  // weights are views of the mapping: a truncated file would be SIGBUS, not an error
   const int64_t n_pos = n_past_ + n;
   for (auto& st : stages_) {
     try {

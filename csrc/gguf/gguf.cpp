@@ -247,6 +247,16 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
 
 GgufFile::~GgufFile() { release(); }
 
+void GgufFile::check_intact() const {
+  struct stat st;
+  if (fd_ < 0 || ::fstat(fd_, &st) != 0)
+    fail(TP_ERR_IO, "%s: cannot stat the open model file: %s", path_.c_str(), std::strerror(errno));
+  // A file replaced by rename keeps our inode and stays safe; only an in-place truncation shrinks it.
+  if (uint64_t(st.st_size) < size_)
+    fail(TP_ERR_IO, "%s: the model file shrank from %llu to %llu bytes since it was loaded (truncated or being "
+         "rewritten); restore it and create a new Engine", path_.c_str(), ull(size_), ull(st.st_size));
+}
+
 void GgufFile::release() {
   if (map_) ::munmap(const_cast<uint8_t*>(map_), size_t(size_));
   map_ = nullptr;

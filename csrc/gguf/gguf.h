@@ -77,6 +77,11 @@ class GgufFile {
   int64_t get_int_or(const std::string& key, int64_t def) const;
   double get_float_or(const std::string& key, double def) const;  // F32/F64 (integers accepted too)
 
+  // Throws TP_ERR_IO when the file has shrunk since it was opened (truncated in place, e.g. by a download
+  // that rewrites it): touching the mapping past the new end would kill the process with SIGBUS, so callers
+  // check before a run that reads tensor data. A truncation *during* that run is not caught.
+  void check_intact() const;
+
   const std::vector<GgufTensor>& tensors() const { return tensors_; }
   const GgufTensor* find_tensor(const std::string& name) const;  // nullptr if absent
 

@@ -73,6 +73,11 @@ ModelConfig load_config(const GgufFile& f) {
          "head_count=%lld head_count_kv=%lld context_length=%lld)",
          f.path().c_str(), (long long)c.n_embd, (long long)c.n_layer, (long long)c.n_ff, (long long)c.n_head,
          (long long)c.n_head_kv, (long long)c.n_ctx_train);
+  // block_count sizes per-layer tables (here and in load_weights) before any tensor is looked up; every layer
+  // has at least one tensor, so a count above the file's tensor count is corrupt (the fuzzer found 3.7e9).
+  if (uint64_t(c.n_layer) > f.tensors().size())
+    fail(TP_ERR_FORMAT, "%s: block_count %lld but the file holds only %llu tensors (at least one per layer)",
+         f.path().c_str(), (long long)c.n_layer, (unsigned long long)f.tensors().size());
   if (c.n_head % c.n_head_kv != 0)
     fail(TP_ERR_FORMAT, "%s: head_count %lld is not a multiple of head_count_kv %lld", f.path().c_str(),
          (long long)c.n_head, (long long)c.n_head_kv);

@@ -12,6 +12,7 @@ from .errors import (
     ContextOverflowError,
     DeviceError,
     FormatError,
+    MissingDependencyError,
     TurboPrefillError,
     UnsupportedError,
 )
@@ -30,4 +31,5 @@ __all__ = [
     "ContextOverflowError",
     "DeviceError",
     "CancelledError",
+    "MissingDependencyError",
 ]

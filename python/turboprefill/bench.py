@@ -12,13 +12,16 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from ._optional import optional, pyplot
 from .engine import Engine, build_info
+from .errors import MissingDependencyError
 
 
 def machine_info() -> dict:
@@ -40,14 +43,9 @@ def machine_info() -> dict:
 
 
 def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="run", dynamic_ncols=True)
-    except ImportError:
-        return None
+    # Without tqdm (the `bench` extra) the sweep prints one line per point instead of a bar.
+    tqdm = optional("tqdm") if enabled else None
+    return tqdm.tqdm(total=total, unit="run", dynamic_ncols=True) if tqdm is not None else None
 
 
 def sweep(
@@ -156,11 +154,9 @@ def _finish(plt, fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
 
 
 def plot(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
-    """tok/s vs context per schedule (one line per devices/ubatch), and gain vs ubatch per context."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """tok/s vs context per schedule (one line per devices/ubatch), and gain vs ubatch per context.
+    Raises MissingDependencyError without matplotlib (the `bench` extra)."""
+    plt = pyplot("the benchmark's plots")
 
     out_dir = Path(out_dir)
     paths = []
@@ -201,3 +197,22 @@ def write_results(rows: list[dict], out_dir: str | os.PathLike, meta: dict, make
         f"{table}\n")
     plots = plot(rows, out_dir) if make_plots else []
     return {"table": table, "plots": [str(p) for p in plots], "dir": str(out_dir)}
+
+
+def report(rows: list[dict], out_dir: str | os.PathLike, meta: dict, make_plots: bool = True, log=print) -> int:
+    """Write the results, print the table, then draw the plots; the exit status for a command line.
+
+    The table comes first so that a sweep that ran for minutes is never lost to a missing plotting package:
+    without matplotlib the user gets the table, the files and one line naming the extra (status 1)."""
+    res = write_results(rows, out_dir, meta, make_plots=False)
+    log(res["table"])
+    log(f"results in {res['dir']}")
+    if not make_plots:
+        return 0
+    try:
+        paths = plot(rows, out_dir)
+    except MissingDependencyError:
+        print("turboprefill: plots need `pip install 'turboprefill[bench]'` (or pass --no-plots)", file=sys.stderr)
+        return 1
+    log("plots:", *map(str, paths))
+    return 0

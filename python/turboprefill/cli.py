@@ -107,17 +107,14 @@ def cmd_prefill(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .bench import machine_info, sweep, write_results
+    from .bench import machine_info, report, sweep
     from .models import resolve_model
 
     model = str(resolve_model(a.model))
     meta = machine_info()
     rows = sweep(model, ctxs=_ints(a.ctx), ubatches=_ints(a.ubatch), devices_list=a.devices.split(";"),
                  schedules=a.schedules.split(","), threads=a.threads, repeat=a.repeat, progress=not a.quiet)
-    res = write_results(rows, a.out, {**meta, "model": model}, make_plots=not a.no_plots)
-    print(res["table"])
-    print(f"results in {res['dir']}")
-    return 0
+    return report(rows, a.out, {**meta, "model": model}, make_plots=not a.no_plots)
 
 
 def cmd_selftest(a) -> int:
@@ -125,10 +122,12 @@ def cmd_selftest(a) -> int:
     short sequential-vs-pipelined benchmark, as one table to paste into a bug report."""
     import tempfile
 
+    from ._optional import require
     from .engine import Engine, build_info, cuda_devices
     from .errors import TurboPrefillError
     from .writer import write_model
 
+    require("gguf", "selftest (it writes a small synthetic model)")  # before minutes of GPU work, not after
     info = build_info()
     print("build:", info)
     if not info["cuda"]:
@@ -229,6 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         return a.fn(a)
     except (TurboPrefillError, ValueError, OSError, MemoryError) as e:
         print(f"turboprefill: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        # MissingDependencyError (an extra) is handled above; this is a broken install: a required package
+        # or the native library itself is missing. One line that says what to install, not a traceback.
+        from ._optional import install_hint
+
+        if isinstance(e, ModuleNotFoundError) and e.name:
+            msg = f"missing Python module {e.name!r}: `{install_hint(e.name)}` (or reinstall turboprefill)"
+        else:
+            msg = str(e)
+        print(f"turboprefill: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("turboprefill: interrupted", file=sys.stderr)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._native import check, ffi, last_error, lib
+from ._optional import pyplot
 
 SCHEDULES = {"pipelined": 0, "sequential": 1}
 
@@ -81,11 +82,9 @@ class Trace:
             json.dump({"traceEvents": meta + evs, "displayTimeUnit": "ms"}, f)
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
-        """Save a Gantt chart (stages × time, one box per ubatch) as an image. Needs matplotlib."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """Save a Gantt chart (stages × time, one box per ubatch) as an image. Needs matplotlib (the `bench`
+        extra); without it raises MissingDependencyError."""
+        plt = pyplot("Trace.plot()")
 
         fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * max(1, self.n_stages)))
         cmap = plt.get_cmap("tab20")

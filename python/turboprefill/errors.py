@@ -1,4 +1,7 @@
-"""Exceptions raised by turboprefill. Each maps one tp_status of the C ABI."""
+"""Exceptions raised by turboprefill. Each maps one tp_status of the C ABI, except MissingDependencyError
+(an optional Python package is not installed)."""
+
+from __future__ import annotations
 
 
 class TurboPrefillError(RuntimeError):
@@ -23,3 +26,13 @@ class DeviceError(TurboPrefillError):
 
 class CancelledError(TurboPrefillError):
     """The prefill was cancelled (Ctrl-C or Engine.cancel())."""
+
+
+class MissingDependencyError(TurboPrefillError, ImportError):
+    """An optional package is not installed; the message names the extra that installs it."""
+
+    def __init__(self, message: str, module: str, extra: str | None = None):
+        super().__init__(message)
+        self.name = module  # ImportError's attribute: the module that could not be imported
+        self.module = module
+        self.extra = extra

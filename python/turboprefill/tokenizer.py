@@ -9,9 +9,9 @@ Owns: the two vocabulary kinds our models use and llama.cpp's rules around them.
 - ``tokenizer.ggml.model == "llama"``: SentencePiece-style vocabulary (Gemma 3). llama.cpp's SPM
   tokenizer is SentencePiece's BPE algorithm (merge the adjacent pair whose joined piece has the highest
   score, leftmost first, unknown characters as ``<0xXX>`` bytes), so a ``sentencepiece`` ModelProto is
-  written straight from ``tokens``/``scores``/``token_type`` (hand-encoded protobuf: no ``protobuf``
-  dependency, ~0.4 s for Gemma's 262144 pieces) with normalization switched off; we escape ' ' as U+2581
-  and add llama.cpp's optional space prefix ourselves.
+  written straight from ``tokens``/``scores``/``token_type`` (with sentencepiece's own
+  ``sentencepiece_model_pb2``) with normalization switched off; we escape ' ' as U+2581 and add
+  llama.cpp's optional space prefix ourselves.
 
 Shared by both, done here in Python exactly as llama.cpp's ``tokenizer_st_partition`` does it: before any
 BPE, the text is cut at every occurrence of a user-defined token (and, with ``special=True``, of control
@@ -37,7 +37,6 @@ llama.cpp's ``llama_detokenize`` does for vocabularies that do not clean up spac
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Mapping, Sequence
 
 # llama_token_type in the GGUF's tokenizer.ggml.token_type
@@ -186,57 +185,48 @@ def _gpt2_byte_map() -> dict[int, str]:
     return out
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field_bytes(num: int, payload: bytes) -> bytes:
-    return _varint(num << 3 | 2) + _varint(len(payload)) + payload
-
-
 def _spm_model_proto(
     pieces: Sequence[bytes], scores: Sequence[float], types: Sequence[int], unk_id: int
 ) -> bytes:
-    """Serialized sentencepiece ModelProto (BPE, byte fallback, no normalization).
+    """Serialized sentencepiece ModelProto (BPE, byte fallback, no normalization), built with the
+    ``sentencepiece_model_pb2`` module that the sentencepiece package ships.
 
-    Field numbers from sentencepiece_model.proto: ModelProto{1: pieces, 2: trainer_spec,
-    3: normalizer_spec}; SentencePiece{1: piece, 2: score (float), 3: type}; TrainerSpec{3: model_type
-    (BPE = 2), 35: byte_fallback, 40: unk_id, 41: bos_id, 42: eos_id, 43: pad_id};
-    NormalizerSpec{1: name, 3: add_dummy_prefix, 4: remove_extra_whitespaces, 5: escape_whitespaces}.
+    A protobuf ``string`` field holds only valid UTF-8, but a GGUF token may be any bytes. Such a piece can
+    never be matched: the text SentencePiece sees is a Python str (valid UTF-8) and BPE only ever joins
+    pieces it has already matched. It is entered under a placeholder that is just as unreachable (it
+    contains U+0020, which ``encode`` always escapes to U+2581 first) so that ids keep their positions;
+    decoding never asks SentencePiece, it uses the GGUF's own bytes.
     """
-    pack_f = struct.Struct("<f").pack
-    # SentencePiece.type enum: NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, BYTE=6, UNUSED=5
-    type_tail = {t: b"\x18" + _varint(t) for t in (1, 2, 6)}
-    parts = []
-    for piece, score, t in zip(pieces, scores, types):
-        sp_type = 6 if t == TOKEN_BYTE else (2 if t == TOKEN_UNKNOWN else 1)
-        body = b"\x0a" + _varint(len(piece)) + piece + b"\x15" + pack_f(score) + type_tail[sp_type]
-        parts.append(b"\x0a" + _varint(len(body)) + body)
-    trainer = (
-        b"\x18\x02"  # model_type = BPE
-        + b"\x98\x02\x01"  # byte_fallback = true (field 35, varint)
-        + _varint(40 << 3)
-        + _varint(unk_id)
-        # bos/eos/pad = -1: SentencePiece must not treat any piece as one of them; we add BOS ourselves.
-        + _varint(41 << 3)
-        + _varint((1 << 64) - 1)
-        + _varint(42 << 3)
-        + _varint((1 << 64) - 1)
-        + _varint(43 << 3)
-        + _varint((1 << 64) - 1)
-    )
-    normalizer = _field_bytes(1, b"identity") + b"\x18\x00" + b"\x20\x00" + b"\x28\x00"
-    parts.append(_field_bytes(2, trainer))
-    parts.append(_field_bytes(3, normalizer))
-    return b"".join(parts)
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    sp_piece = spm_pb2.ModelProto.SentencePiece
+    # Every non-byte piece is NORMAL (see the module docstring); exactly one is UNKNOWN.
+    sp_type = {TOKEN_BYTE: sp_piece.BYTE, TOKEN_UNKNOWN: sp_piece.UNKNOWN}
+    taken = None  # the set of piece texts, built only when a placeholder is needed
+    m = spm_pb2.ModelProto()
+    add = m.pieces.add  # ~0.3 s for Gemma's 262144 pieces; building messages, then extend(): ~3x slower
+    for i, (raw, score, t) in enumerate(zip(pieces, scores, types)):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if taken is None:
+                taken = {p.decode("utf-8", "surrogateescape") for p in pieces}
+            text = f"<invalid utf-8 {i}> "
+            while text in taken:  # a GGUF piece could spell the same text; placeholders must be unique
+                text += " "
+            taken.add(text)
+        add(piece=text, score=score, type=sp_type.get(t, sp_piece.NORMAL))
+    m.trainer_spec.model_type = spm_pb2.TrainerSpec.BPE
+    m.trainer_spec.byte_fallback = True
+    m.trainer_spec.unk_id = unk_id
+    # -1: SentencePiece must not treat any piece as BOS/EOS/PAD; we add BOS ourselves.
+    m.trainer_spec.bos_id = m.trainer_spec.eos_id = m.trainer_spec.pad_id = -1
+    # Text arrives already escaped (' ' -> U+2581) and with llama.cpp's space prefix when it wants one.
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = False
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = False
+    return m.SerializeToString()
 
 
 class Tokenizer:
@@ -332,7 +322,10 @@ class Tokenizer:
         vocab = {}
         for i, t in enumerate(self.tokens):
             vocab[t] = i  # a duplicated text maps to its last id, like llama.cpp's token_to_id
-        bpe = BPE(vocab=vocab, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES)
+        try:
+            bpe = BPE(vocab=vocab, merges=merges, ignore_merges=self.pre in _IGNORE_MERGES)
+        except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of a text not in tokens
+            raise ValueError(f"cannot build a BPE tokenizer from tokenizer.ggml.tokens/merges: {e}") from e
         hf = HFTokenizer(bpe)
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in regexes]
@@ -408,6 +401,10 @@ class Tokenizer:
         ``add_eos_token``), so a model that declares no BOS (SmolLM2) gets none. ``special=True`` also
         turns the texts of control tokens (e.g. ``<start_of_turn>``) into those tokens.
         """
+        try:
+            text.encode("utf-8")  # a str with lone surrogates (e.g. from os.fsdecode) is not text to tokenize
+        except UnicodeEncodeError as e:
+            raise ValueError(f"cannot tokenize text that is not valid Unicode ({e.reason} at {e.start})") from e
         out: list[int] = []
         if add_bos and self.add_bos and self.bos_id is not None:
             out.append(self.bos_id)
