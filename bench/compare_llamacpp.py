@@ -28,7 +28,6 @@ from turboprefill import Engine
 from turboprefill.bench import machine_info
 from turboprefill.models import resolve_model
 
-
 # Synthetic models with the proportions of the real ones, small enough for a 2-core machine.
 # gpt-oss: gpt-oss-20b's ratios scaled down (n_embd 2880 -> 960, 64 -> 16 query heads of 64, 8 -> 2 KV
 # heads, 32 experts top-4 of n_ff_exp = n_embd, 24 -> 4 layers), llama.cpp's MXFP4 mix (experts MXFP4,
