@@ -259,6 +259,20 @@ tp_status tp_engine_kv_digest(const tp_engine* engine, uint64_t* digest) {
   TP_GUARD_END
 }
 
+tp_status tp_engine_save_state(tp_engine* engine, const char* path) {
+  TP_GUARD_BEGIN
+  if (!engine || !path) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_save_state: NULL argument");
+  engine->impl->save_state(path);
+  TP_GUARD_END
+}
+
+tp_status tp_engine_load_state(tp_engine* engine, const char* path) {
+  TP_GUARD_BEGIN
+  if (!engine || !path) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_load_state: NULL argument");
+  engine->impl->load_state(path);
+  TP_GUARD_END
+}
+
 tp_status tp_engine_inject_fault(tp_engine* engine, int64_t layer) {
   TP_GUARD_BEGIN
   if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_inject_fault: engine is NULL");

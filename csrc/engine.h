@@ -50,6 +50,10 @@ class Engine {
   void inject_fault(int64_t layer) {
     for (auto& st : stages_) st->fail_at_layer = layer;
   }
+  // Prefix cache (state.cpp): writes the sequence's KV cache of every stage plus the model's identity;
+  // load_state replaces the sequence with a saved one after checking model, layer split and KV type.
+  void save_state(const std::string& path);
+  void load_state(const std::string& path);
   // FNV-1a hash of every stage's KV cache over the positions in the sequence (for schedule tests).
   uint64_t kv_digest() const;
 

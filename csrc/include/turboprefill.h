@@ -136,6 +136,14 @@ TP_API tp_status tp_engine_reset(tp_engine* engine);
 /* Ask a running prefill to stop (any thread); it returns TP_ERR_CANCELLED and the sequence is reset. */
 TP_API void tp_engine_cancel(tp_engine* engine);
 
+/* Prefix cache. save_state writes the sequence's KV cache (every stage, positions 0..n_past) and the model's
+ * identity (file size, hash of the GGUF header/metadata/tensor table, n_layer, kv_dim, layer split, n_past,
+ * KV element type) to `path`. load_state replaces the engine's sequence with a saved one, so the next
+ * prefill continues after its tokens; a state of another model or layer split, or a corrupt or truncated
+ * file, is an error (TP_ERR_INVALID_ARGUMENT / TP_ERR_FORMAT) that leaves the sequence as it was. */
+TP_API tp_status tp_engine_save_state(tp_engine* engine, const char* path);
+TP_API tp_status tp_engine_load_state(tp_engine* engine, const char* path);
+
 /* FNV-1a digest of the KV cache contents of every stage over the tokens in the sequence (tests compare
  * schedules with it). */
 TP_API tp_status tp_engine_kv_digest(const tp_engine* engine, uint64_t* digest);

@@ -352,6 +352,18 @@ class Engine:
         check(lib.tp_engine_kv_digest(self._handle(), out))
         return int(out[0])
 
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write the sequence's KV cache (every stage) and the model's identity to `path` (a prefix cache)."""
+        with self._lock:
+            check(lib.tp_engine_save_state(self._handle(), os.fsencode(path)))
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Replace the sequence with one saved by save_state(); the next prefill continues after its tokens.
+        Raises when the state comes from another model or layer split, or the file is corrupt or truncated
+        (the sequence is then left as it was)."""
+        with self._lock:
+            check(lib.tp_engine_load_state(self._handle(), os.fsencode(path)))
+
     def _inject_fault(self, layer: int) -> None:
         """Testing aid: later prefills fail when they reach `layer` (-1 turns it off)."""
         check(lib.tp_engine_inject_fault(self._handle(), int(layer)))
