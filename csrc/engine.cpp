@@ -140,6 +140,12 @@ Engine::Engine(const EngineParams& p) : params_(p) {
   for (const std::string& d : p.devices)
     if (is_cuda_entry(d)) check_cuda_entry(d);
   if (p.ubatch < 1) fail(TP_ERR_INVALID_ARGUMENT, "ubatch must be >= 1 (got %lld)", (long long)p.ubatch);
+  if (p.ubatch_auto && (p.ubatch_min < 0 || p.ubatch_min > p.ubatch))
+    fail(TP_ERR_INVALID_ARGUMENT, "ubatch_min must be in [1, ubatch_max=%lld] (got %lld)", (long long)p.ubatch,
+         (long long)p.ubatch_min);
+  if (p.ubatch_cost.tok < 0 || p.ubatch_cost.pair < 0 || (p.ubatch_cost.tok == 0) != (p.ubatch_cost.pair == 0))
+    fail(TP_ERR_INVALID_ARGUMENT, "ubatch cost coefficients must both be > 0 (or both 0 for the defaults); got "
+         "%g per token, %g per pair", p.ubatch_cost.tok, p.ubatch_cost.pair);
   if (p.threads < 0) fail(TP_ERR_INVALID_ARGUMENT, "threads must be >= 0 (got %d)", p.threads);
   if (p.ring_slots < 0) fail(TP_ERR_INVALID_ARGUMENT, "ring_slots must be >= 0 (got %d)", p.ring_slots);
   if (p.n_ctx < 0) fail(TP_ERR_INVALID_ARGUMENT, "n_ctx must be >= 0 (got %lld)", (long long)p.n_ctx);
@@ -262,6 +268,11 @@ void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* l
   job.all_logits = all_logits;
   job.logits = logits;
   job.schedule = params_.schedule;
+  if (params_.ubatch_auto) {
+    const UbatchCost k = params_.ubatch_cost.tok > 0 ? params_.ubatch_cost : ubatch_cost_defaults(cfg_);
+    const int64_t umin = params_.ubatch_min > 0 ? params_.ubatch_min : std::max<int64_t>(1, params_.ubatch / 8);
+    job.bounds = plan_ubatches(cfg_, k, n, n_past_, umin, params_.ubatch);
+  }
   trace_.clear();
   for (auto& st : stages_) st->ops->take_router_stats();  // drop counts a failed prefill left behind
   const double t0 = now_seconds();

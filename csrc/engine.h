@@ -16,6 +16,7 @@
 #include "model/config.h"
 #include "model/decoder.h"
 #include "model/weights.h"
+#include "pipeline/plan.h"
 #include "pipeline/scheduler.h"
 #include "pipeline/stage.h"
 
@@ -25,7 +26,10 @@ struct EngineParams {
   std::string model_path;
   std::vector<std::string> devices{"cpu:0"};  // one stage per entry
   int threads = 0;                            // per stage; 0 = cores / stages
-  int64_t ubatch = 512;
+  int64_t ubatch = 512;                       // fixed ubatch size, or the largest one when ubatch_auto
+  bool ubatch_auto = false;                   // cut each prompt into equal-cost ubatches (pipeline/plan.h)
+  int64_t ubatch_min = 0;                     // ubatch_auto: smallest ubatch; 0 = ubatch / 8
+  UbatchCost ubatch_cost;                     // ubatch_auto: per-layer coefficients; 0 = FLOP defaults
   Schedule schedule = Schedule::Pipelined;
   int64_t n_ctx = 0;                          // 0 = model's training context
   std::vector<int64_t> layer_split;           // layers per stage; empty = even

@@ -149,7 +149,12 @@ class Engine:
         model: path of a GGUF file, or the name of a model installed from PyPI ("gemma3-270m", "smollm2").
         devices: "cpu", "cpu:0,cpu:1" (one stage per entry), "cuda", "cuda:0,cuda:1", or a list of entries.
         threads: worker threads per stage (None: the machine's cores split between stages).
-        ubatch: tokens per ubatch.
+        ubatch: tokens per ubatch, or "auto": cut each prompt into ubatches of about equal predicted cost
+            (attention over the prefix makes late tokens dearer), none larger than ubatch_max (default 512)
+            nor smaller than ubatch_min (default ubatch_max // 8) where the prompt allows.
+        ubatch_min, ubatch_max: bounds for ubatch="auto".
+        ubatch_cost: (per-token, per-attention-pair) cost of one layer for ubatch="auto"; None: measured
+            coefficients from the calibration cache when layer_split="auto" measured them, else FLOP counts.
         schedule: "pipelined" or "sequential".
         n_ctx: context size (None: the model's training context).
         layer_split: layers per stage (None: even split).
@@ -161,11 +166,14 @@ class Engine:
         model: str | os.PathLike,
         devices: str | Iterable[str] = "cpu",
         threads: int | None = None,
-        ubatch: int = 512,
+        ubatch: int | str = 512,
         schedule: str = "pipelined",
         n_ctx: int | None = None,
         layer_split: Sequence[int] | None = None,
         ring_slots: int | None = None,
+        ubatch_min: int | None = None,
+        ubatch_max: int | None = None,
+        ubatch_cost: tuple[float, float] | None = None,
     ):
         from .models import resolve_model
 
@@ -180,7 +188,16 @@ class Engine:
         p.model_path = keep[0]
         p.devices = keep[1]
         p.threads = int(threads or 0)
-        p.ubatch = int(ubatch)
+        auto_ub = ubatch == "auto"
+        if isinstance(ubatch, str) and not auto_ub:
+            raise ValueError(f'ubatch must be a positive int or "auto", got {ubatch!r}')
+        if not auto_ub and (ubatch_min is not None or ubatch_max is not None):
+            raise ValueError('ubatch_min/ubatch_max apply to ubatch="auto"; pass ubatch="auto" or drop them')
+        p.ubatch = int(ubatch_max or 512) if auto_ub else int(ubatch)
+        p.ubatch_auto = 1 if auto_ub else 0
+        p.ubatch_min = int(ubatch_min or 0)
+        if ubatch_cost is not None:
+            p.ubatch_cost_tok, p.ubatch_cost_pair = (float(x) for x in ubatch_cost)
         p.schedule = SCHEDULES[schedule]
         p.n_ctx = int(n_ctx or 0)
         if layer_split is not None:
@@ -195,7 +212,8 @@ class Engine:
         check(lib.tp_engine_create(p, out))
         self._h = out[0]
         self.devices = dev
-        self.ubatch = int(ubatch)
+        self.ubatch = "auto" if auto_ub else int(ubatch)
+        self.ubatch_bounds = (int(p.ubatch_min) or max(1, int(p.ubatch) // 8), int(p.ubatch)) if auto_ub else None
         self.schedule = schedule
         self._tokenizer = None
         self._lock = threading.Lock()
@@ -251,8 +269,17 @@ class Engine:
             "rope_scaling": ffi.string(info.rope_scaling).decode(),
             "devices": self.devices,
             "ubatch": self.ubatch,
+            "ubatch_min_max": self.ubatch_bounds,
             "schedule": self.schedule,
         }
+
+    @property
+    def layer_swa(self) -> list[int]:
+        """Per layer: 1 when it uses the sliding window (its attention cost is capped by n_swa), else 0."""
+        n = self.config["n_layer"]
+        buf = ffi.new("int8_t[]", n)
+        check(lib.tp_engine_layer_swa(self._handle(), buf, n))
+        return [int(x) for x in buf]
 
     @property
     def n_past(self) -> int:
