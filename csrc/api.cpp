@@ -160,6 +160,10 @@ tp_status tp_engine_create(const tp_engine_params* params, tp_engine** out) {
   for (int i = 0; i < params->n_layer_split; ++i) p.layer_split.push_back(params->layer_split[i]);
   p.ring_slots = params->ring_slots;
   p.ubatch_auto = params->ubatch_auto != 0;
+  if (params->n_stage_threads < 0 || params->n_stage_threads > TP_MAX_STAGES)
+    tp::fail(TP_ERR_INVALID_ARGUMENT, "n_stage_threads %d out of range [0, %d]", params->n_stage_threads,
+             TP_MAX_STAGES);
+  for (int i = 0; i < params->n_stage_threads; ++i) p.stage_threads.push_back(params->stage_threads[i]);
   p.ubatch_min = params->ubatch_min;
   p.ubatch_cost = {params->ubatch_cost_tok, params->ubatch_cost_pair};
   auto* e = new tp_engine;
@@ -268,6 +272,15 @@ tp_status tp_engine_layer_swa(const tp_engine* engine, int8_t* swa, int64_t cap)
   const tp::ModelConfig& c = engine->impl->config();
   for (int64_t i = 0; i < cap && i < c.n_layer; ++i)
     swa[i] = c.n_swa > 0 && i < int64_t(c.layer_swa.size()) && c.layer_swa[size_t(i)] ? 1 : 0;
+  TP_GUARD_END
+}
+
+tp_status tp_engine_cost_defaults(const tp_engine* engine, double* cost_tok, double* cost_pair) {
+  TP_GUARD_BEGIN
+  if (!engine || !cost_tok || !cost_pair) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_cost_defaults: NULL argument");
+  const tp::UbatchCost k = tp::ubatch_cost_defaults(engine->impl->config());
+  *cost_tok = k.tok;
+  *cost_pair = k.pair;
   TP_GUARD_END
 }
 

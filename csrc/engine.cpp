@@ -186,6 +186,11 @@ void Engine::place_stages(const EngineParams& p) {
     const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
     threads = std::max(1, hw / int(P));
   }
+  if (!p.stage_threads.empty() && int64_t(p.stage_threads.size()) != P)
+    fail(TP_ERR_INVALID_ARGUMENT, "threads has %d entries but there are %lld stages; give one per stage or one "
+         "number for all", int(p.stage_threads.size()), (long long)P);
+  for (int t : p.stage_threads)
+    if (t < 1) fail(TP_ERR_INVALID_ARGUMENT, "per-stage threads must be >= 1 (got %d)", t);
   const int64_t U = p.ubatch;
   int64_t layer = 0;
   try {
@@ -202,7 +207,7 @@ void Engine::place_stages(const EngineParams& p) {
           st->ops = make_cuda_ops(std::stoi(st->device.substr(5)), U);
         else
 #endif
-          st->ops = make_cpu_ops(threads);
+          st->ops = make_cpu_ops(p.stage_threads.empty() ? threads : p.stage_threads[size_t(s)]);
         upload_stage_weights(*st->ops, w_, st->layer_begin, st->layer_end, s == 0, s == P - 1);
         st->scratch = LayerScratch::make(*st->ops, cfg_, U);
         st->x = st->ops->alloc(U * cfg_.n_embd);

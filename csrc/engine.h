@@ -26,6 +26,7 @@ struct EngineParams {
   std::string model_path;
   std::vector<std::string> devices{"cpu:0"};  // one stage per entry
   int threads = 0;                            // per stage; 0 = cores / stages
+  std::vector<int> stage_threads;             // per-stage thread counts (overrides threads); empty = threads
   int64_t ubatch = 512;                       // fixed ubatch size, or the largest one when ubatch_auto
   bool ubatch_auto = false;                   // cut each prompt into equal-cost ubatches (pipeline/plan.h)
   int64_t ubatch_min = 0;                     // ubatch_auto: smallest ubatch; 0 = ubatch / 8

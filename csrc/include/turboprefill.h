@@ -80,6 +80,8 @@ typedef struct tp_engine_params {
   int32_t ubatch_min;        /* smallest ubatch when ubatch_auto; 0 = ubatch / 8 */
   double ubatch_cost_tok;    /* per-layer cost of one token (matmuls); 0 = FLOP-count default */
   double ubatch_cost_pair;   /* per-layer cost of one (query, key) attention pair; 0 = FLOP-count default */
+  int32_t n_stage_threads;   /* entries in stage_threads; 0 = `threads` for every stage */
+  int32_t stage_threads[TP_MAX_STAGES]; /* worker threads of each cpu stage, in stage order (each >= 1) */
 } tp_engine_params;
 
 typedef struct tp_model_info {
@@ -151,6 +153,10 @@ TP_API tp_status tp_plan_ubatches(const int8_t* layer_swa, int64_t n_layer, int6
 
 /* Per-layer attention kind: swa[i] = 1 when layer i uses the sliding window (cap entries written). */
 TP_API tp_status tp_engine_layer_swa(const tp_engine* engine, int8_t* swa, int64_t cap);
+
+/* The FLOP-count cost coefficients of one decoder layer that ubatch_auto uses when none are given (the ratio
+ * is what matters: attention FLOPs are weighted as dearer than int8 matmul FLOPs; see pipeline/plan.h). */
+TP_API tp_status tp_engine_cost_defaults(const tp_engine* engine, double* cost_tok, double* cost_pair);
 
 /* Prefix cache. save_state writes the sequence's KV cache (every stage, positions 0..n_past) and the model's
  * identity (file size, hash of the GGUF header/metadata/tensor table, n_layer, kv_dim, layer split, n_past,

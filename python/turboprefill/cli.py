@@ -1,4 +1,4 @@
-"""The `turboprefill` command: info, prefill, bench, selftest."""
+"""The `turboprefill` command: info, prefill, bench, simulate, selftest."""
 
 from __future__ import annotations
 
@@ -120,6 +120,17 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_simulate(a) -> int:
+    from .simreport import run
+
+    a.ctx = _ints(a.ctx) if a.ctx else []
+    a.ubatch = [u if u == "auto" else int(u) for u in a.ubatch.split(",")]
+    if not a.rfc and (a.model is None or not a.ctx):
+        print("turboprefill simulate: give a MODEL and --ctx, or --rfc", file=sys.stderr)
+        return 2
+    return run(a)
+
+
 def cmd_selftest(a) -> int:
     """On a user's GPUs: prefill on every GPU vs the CPU engine, schedules bit-identical on the GPUs, then a
     short sequential-vs-pipelined benchmark, as one table to paste into a bug report."""
@@ -214,6 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("--no-plots", action="store_true")
     pb.add_argument("--quiet", action="store_true")
     pb.set_defaults(fn=cmd_bench, threads=1)
+
+    pm = sub.add_parser("simulate", help="predict a prefill with the pipeline model (calibrated here, or the "
+                        "--rfc GPU setups from device profiles)")
+    pm.add_argument("model", nargs="?", help="GGUF path or a PyPI model name (calibrated on this machine's CPU)")
+    pm.add_argument("--rfc", action="store_true", help="the issue's 4×3090 / 8×5060 Ti setups from device profiles")
+    pm.add_argument("--devices", default="cpu:0,cpu:1")
+    pm.add_argument("--threads", default=None, help="threads per stage: N or N0,N1,... (default 1)")
+    pm.add_argument("--ctx", default=None, help="comma-separated prompt lengths")
+    pm.add_argument("--ubatch", default="128", help='comma-separated ubatch sizes or "auto"')
+    pm.add_argument("--ubatch-max", type=int, default=512, help='largest ubatch for "auto"')
+    pm.add_argument("--split", default="even", help='"even", "auto" or layer counts like 10,8')
+    pm.add_argument("--schedule", default="pipelined", choices=["pipelined", "sequential", "lockstep"])
+    pm.add_argument("--measure", action="store_true", help="also run each point and print the error")
+    pm.add_argument("--repeat", type=int, default=3, help="measured runs per point (best is kept)")
+    pm.add_argument("--plot", default=None, help="Gantt plot path; {ctx} and {ubatch} are replaced")
+    pm.set_defaults(fn=cmd_simulate)
 
     ps = sub.add_parser("selftest", help="check the GPUs: kernels vs CPU, then a short pipeline benchmark")
     ps.add_argument("--quick", action="store_true",

@@ -4,12 +4,13 @@ the pipeline simulator (simulate.py).
 
 A device runs one (stage, ubatch) step of tokens at positions [p, p + t) in
 
-    step + Σ_layers (tok · t + pair · pairs(p, t, window_l)) + embed · t (first stage) + head (last ubatch, last stage)
+    step + Σ_layers (tok · t + pair · pairs(p, t, window_l) + wread)
+         + embed · t (first stage) + head (last ubatch of the last stage)
 
 pairs(p, t, w) = Σ_{q=p}^{p+t-1} min(q + 1, w) (query-key pairs; w = ∞ for full attention). tok is the
 per-token cost of one decoder layer (matmuls, norms, rope: linear in tokens), pair the attention's cost
 per pair, head the output norm + lm_head of the one row a prefill returns, step a fixed cost per step
-(thread hand-offs, launches). The coefficients come from measured traces (fit_trace, calibrate) or from a
+(thread hand-offs, launches), wread a layer's weight streaming per step (device profiles). The coefficients come from measured traces (fit_trace, calibrate) or from a
 device profile (simulate.PROFILES).
 """
 
@@ -58,10 +59,12 @@ class DeviceCost:
     head: float = 0.0  # per prefill: the output head of the returned row (last stage)
     embed: float = 0.0  # per token: the embedding gather (first stage)
     step: float = 0.0  # per (stage, ubatch) step
+    wread: float = 0.0  # per layer per step: streaming the layer's weights once per ubatch (device profiles;
+    #                     on a measured cpu it is folded into step, which a fit cannot tell apart from it)
 
     def layers_time(self, p: int, t: int, windows: list[int]) -> float:
         """Time of tokens [p, p + t) through layers with these windows (0 = full attention)."""
-        return sum(self.tok * t + self.pair * pair_count(p, t, w) for w in windows)
+        return sum(self.tok * t + self.pair * pair_count(p, t, w) + self.wread for w in windows)
 
     def step_time(self, p: int, t: int, windows: list[int], first: bool, last: bool) -> float:
         return self.step + self.layers_time(p, t, windows) + (self.embed * t if first else 0.0) + (
@@ -200,7 +203,7 @@ def plan_split(costs: list[DeviceCost], windows: list[int], n: int = 2048, ubatc
     # Prefix sums of each stage's per-layer time, so a stage's cost over layers [b, e) is O(1).
     pre = []
     for c in costs:
-        per = [sum(c.tok * t + c.pair * pair_count(p, t, w) for p, t in pts) for w in windows]
+        per = [sum(c.tok * t + c.pair * pair_count(p, t, w) + c.wread for p, t in pts) for w in windows]
         pre.append(np.concatenate([[0.0], np.cumsum(per)]))
 
     def cost(s: int, b: int, e: int) -> float:

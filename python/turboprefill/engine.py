@@ -131,6 +131,12 @@ def _stats(trace: Trace, seconds: float, n_tokens: int) -> dict:
     }
 
 
+def _even(n_layer: int, n_stages: int) -> list[int]:
+    from .split import even_split
+
+    return even_split(n_layer, n_stages)
+
+
 def _as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     arr = np.asarray(tokens)
     if arr.ndim != 1:
@@ -148,7 +154,8 @@ class Engine:
     Args:
         model: path of a GGUF file, or the name of a model installed from PyPI ("gemma3-270m", "smollm2").
         devices: "cpu", "cpu:0,cpu:1" (one stage per entry), "cuda", "cuda:0,cuda:1", or a list of entries.
-        threads: worker threads per stage (None: the machine's cores split between stages).
+        threads: worker threads per stage (None: the machine's cores split between stages), or a list with
+            one count per stage (cpu stages of different speed, e.g. [2, 1]).
         ubatch: tokens per ubatch, or "auto": cut each prompt into ubatches of about equal predicted cost
             (attention over the prefix makes late tokens dearer), none larger than ubatch_max (default 512)
             nor smaller than ubatch_min (default ubatch_max // 8) where the prompt allows.
@@ -157,7 +164,9 @@ class Engine:
             coefficients from the calibration cache when layer_split="auto" measured them, else FLOP counts.
         schedule: "pipelined" or "sequential".
         n_ctx: context size (None: the model's training context).
-        layer_split: layers per stage (None: even split).
+        layer_split: layers per stage; "auto" (default): layers chosen so that the stages' predicted times
+            are equal (split.py: FLOP counts for identical stages, measured and cached costs otherwise;
+            the plan is in config["split_plan"]); None: even split.
         ring_slots: activation slots between consecutive stages (None: default).
     """
 
@@ -169,7 +178,7 @@ class Engine:
         ubatch: int | str = 512,
         schedule: str = "pipelined",
         n_ctx: int | None = None,
-        layer_split: Sequence[int] | None = None,
+        layer_split: Sequence[int] | str | None = "auto",
         ring_slots: int | None = None,
         ubatch_min: int | None = None,
         ubatch_max: int | None = None,
@@ -187,7 +196,14 @@ class Engine:
         keep = [ffi.new("char[]", os.fsencode(self.path)), ffi.new("char[]", dev.encode())]
         p.model_path = keep[0]
         p.devices = keep[1]
-        p.threads = int(threads or 0)
+        if isinstance(threads, (list, tuple)):
+            if len(threads) > lib.TP_MAX_STAGES:
+                raise ValueError(f"threads has {len(threads)} entries; at most {lib.TP_MAX_STAGES}")
+            p.n_stage_threads = len(threads)
+            for i, t in enumerate(threads):
+                p.stage_threads[i] = int(t)
+        else:
+            p.threads = int(threads or 0)
         auto_ub = ubatch == "auto"
         if isinstance(ubatch, str) and not auto_ub:
             raise ValueError(f'ubatch must be a positive int or "auto", got {ubatch!r}')
@@ -200,6 +216,11 @@ class Engine:
             p.ubatch_cost_tok, p.ubatch_cost_pair = (float(x) for x in ubatch_cost)
         p.schedule = SCHEDULES[schedule]
         p.n_ctx = int(n_ctx or 0)
+        self.split_plan = None
+        if isinstance(layer_split, str):
+            if layer_split != "auto":
+                raise ValueError(f'layer_split must be a list of layer counts, "auto" or None, got {layer_split!r}')
+            layer_split = self._auto_split(dev, threads, n_ctx, p.ubatch)
         if layer_split is not None:
             split = [int(x) for x in layer_split]
             if len(split) > lib.TP_MAX_STAGES:
@@ -212,11 +233,29 @@ class Engine:
         check(lib.tp_engine_create(p, out))
         self._h = out[0]
         self.devices = dev
+        self.layer_split = list(layer_split) if layer_split is not None else None
         self.ubatch = "auto" if auto_ub else int(ubatch)
         self.ubatch_bounds = (int(p.ubatch_min) or max(1, int(p.ubatch) // 8), int(p.ubatch)) if auto_ub else None
         self.schedule = schedule
         self._tokenizer = None
         self._lock = threading.Lock()
+
+    def _auto_split(self, devices: str, threads, n_ctx, ubatch: int) -> list[int] | None:
+        """Plan layer_split="auto" (split.py); None for one stage, which has nothing to split."""
+        from .costmodel import DeviceCost, windows_of
+        from .split import auto_split, stage_entries
+
+        if len(stage_entries(devices)) < 2:
+            return None
+        # A one-stage cpu engine over the same file tells dimensions and layer kinds (mmap only: cheap).
+        with Engine(self.path, devices="cpu", threads=1, layer_split=None, n_ctx=n_ctx) as probe:
+            cfg = probe.config
+            windows = windows_of(probe.layer_swa, cfg["n_swa"])
+            tok, pair = ffi.new("double *"), ffi.new("double *")
+            check(lib.tp_engine_cost_defaults(probe._handle(), tok, pair))
+        flop = DeviceCost(tok=tok[0], pair=pair[0], head=2.0 * cfg["n_vocab"] * cfg["n_embd"])
+        self.split_plan = auto_split(self.path, devices, threads, cfg, windows, flop, ubatch)
+        return self.split_plan["split"]
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -270,6 +309,8 @@ class Engine:
             "devices": self.devices,
             "ubatch": self.ubatch,
             "ubatch_min_max": self.ubatch_bounds,
+            "layer_split": self.layer_split or _even(info.n_layer, info.n_stages),
+            "split_plan": self.split_plan,
             "schedule": self.schedule,
         }
 
