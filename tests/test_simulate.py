@@ -19,41 +19,17 @@ import numpy as np
 import pytest
 
 from turboprefill import Engine
-from turboprefill.costmodel import fit_trace, trace_rows
+from turboprefill.costmodel import DeviceCost, fit_trace, trace_rows
 from turboprefill.simulate import LINKS, ModelSpec, PROFILES, fit_efficiency, fixed_bounds, link_seconds, simulate
-from turboprefill.costmodel import DeviceCost
 
 TOLERANCE = 0.10  # the bound on |predicted / measured - 1|
-REPEATS = 3
+REPEATS = 5  # rounds; each keeps the fastest run (other jobs only ever slow a run down)
 
 
-def _calibrate(path, devices, split, toks, n):
-    eng = Engine(path, devices=devices, threads=1, layer_split=split, ubatch="auto", ubatch_min=16,
-                 ubatch_max=128, ubatch_cost=(1.0, 0.01))
-    eng.prefill(toks[:32])
-    best = {}
-    for _ in range(REPEATS):
-        eng.reset()
-        for r in trace_rows(eng.prefill(toks[:n]).trace, 0):
-            if (r[0], r[1]) not in best or r[4] - r[3] < best[(r[0], r[1])][4] - best[(r[0], r[1])][3]:
-                best[(r[0], r[1])] = r
-    ranges, b = [], 0
-    for k in split:
-        ranges.append((b, b + k))
-        b += k
-    return [fit_trace([r for r in best.values() if r[0] == s], 0, ranges, [0] * sum(split))
-            for s in range(len(split))]
-
-
-def _measure(path, devices, split, toks, n, u, schedule):
-    eng = Engine(path, devices=devices, threads=1, layer_split=split, ubatch=u, schedule=schedule)
-    eng.prefill(toks[:u])
-    best = None
-    for _ in range(REPEATS):
-        eng.reset()
-        s = eng.prefill(toks[:n]).stats["seconds"]
-        best = s if best is None else min(best, s)
-    return best
+def _engine(path, devices, split, **kw):
+    eng = Engine(path, devices=devices, threads=1, layer_split=split, **kw)
+    eng.prefill(np.zeros(32, dtype=np.int32))  # warm-up: page faults, thread start
+    return eng
 
 
 @pytest.mark.slow
@@ -61,20 +37,47 @@ def _measure(path, devices, split, toks, n, u, schedule):
 def test_simulator_predicts_measured_cpu_runs(tmp_path, stages):
     from turboprefill.writer import write_model
 
-    path = tmp_path / "sim.gguf"
-    write_model(path, "llama", n_vocab=256, n_embd=256, n_layer=4, n_head=4, n_head_kv=2, n_ff=768, n_ctx=4096)
+    path = str(tmp_path / "sim.gguf")
+    write_model(path, "llama", n_vocab=256, n_embd=192, n_layer=4, n_head=3, n_head_kv=1, n_ff=512, n_ctx=4096)
     toks = np.random.default_rng(0).integers(0, 256, 2048).astype(np.int32)
     devices = ",".join(f"cpu:{i}" for i in range(stages))
     split = [4] if stages == 1 else [2, 2]
-    costs = _calibrate(str(path), devices, split, toks, 1536)
+    # Calibration: the fastest run at each of two ubatch sizes, so that per-token and per-step costs
+    # separate in the fit (positions vary within a run, which separates the attention's per-pair cost).
+    # Validation: other ubatch sizes, lengths and a cost-shaped cut.
+    cal_points = [(1536, 32), (1536, 128)]
+    points = [(1536, 64), (1024, 48), (1280, "auto")]
+    runs = {p: _engine(path, devices, split, **({"ubatch": p[1]} if p[1] != "auto" else
+                                                 {"ubatch": "auto", "ubatch_min": 16, "ubatch_max": 96}))
+            for p in cal_points + points}
+    # Rounds run every configuration in turn so that all see the same load; each keeps its fastest run
+    # (other jobs only ever slow a run down).
+    best = {}
+    for _ in range(REPEATS):
+        for (n, u), eng in runs.items():
+            eng.reset()
+            r = eng.prefill(toks[:n])
+            if (n, u) not in best or r.stats["seconds"] < best[(n, u)].stats["seconds"]:
+                best[(n, u)] = r
+    ranges, b = [], 0
+    for k in split:
+        ranges.append((b, b + k))
+        b += k
+    rows = [r for p in cal_points for r in trace_rows(best[p].trace, 0)]
+    costs = [fit_trace([r for r in rows if r[0] == s], 0, ranges, [0] * 4) for s in range(stages)]
     errors = []
-    for n, u, schedule in [(1536, 32, "pipelined"), (1536, 128, "pipelined"), (1024, 64, "pipelined")]:
-        measured = _measure(str(path), devices, split, toks, n, u, schedule)
-        predicted, trace = simulate(costs, split, [0] * 4, fixed_bounds(n, u), 256, schedule)
-        errors.append((n, u, schedule, measured, predicted, predicted / measured - 1))
-    report = "\n".join(f"n={n} ubatch={u} {s}: measured {m:.3f} s, predicted {p:.3f} s ({100 * e:+.1f}%)"
-                       for n, u, s, m, p, e in errors)
+    for n, u in cal_points + points:
+        res = best[(n, u)]
+        ev = sorted((e for e in res.trace.events if e.stage == 0), key=lambda e: e.ubatch)
+        bounds = [0] + [int(x) for x in np.cumsum([e.n_tokens for e in ev])]
+        assert bounds == (fixed_bounds(n, u) if u != "auto" else bounds)
+        predicted, _ = simulate(costs, split, [0] * 4, bounds, 192, "pipelined")
+        measured = res.stats["seconds"]
+        errors.append((n, u, measured, predicted, predicted / measured - 1))
+    report = "\n".join(f"{stages} stage(s), n={n} ubatch={u}: measured {m:.3f} s, predicted {p:.3f} s "
+                       f"({100 * e:+.1f}%)" for n, u, m, p, e in errors)
     print(report)
+    # In-sample (the calibration runs themselves) and out-of-sample points, both within the tolerance.
     assert all(abs(e[-1]) <= TOLERANCE for e in errors), report
 
 
@@ -84,8 +87,8 @@ def test_simulated_schedules_follow_the_pipeline_rules():
     c = DeviceCost(tok=1e-3, pair=0.0)
     P, M, u = 4, 10, 8
     b = fixed_bounds(M * u, u)
-    t_pipe, trace = simulate([c] * P, [1] * P, [0] * P, b, 16, "pipelined")
-    t_seq, _ = simulate([c] * P, [1] * P, [0] * P, b, 16, "sequential")
+    t_pipe, trace = simulate([c] * P, [1] * P, [0] * P, b, 16, "pipelined", link="none")
+    t_seq, _ = simulate([c] * P, [1] * P, [0] * P, b, 16, "sequential", link="none")
     step = u * 1e-3
     assert t_pipe == pytest.approx((M + P - 1) * step, rel=1e-9)
     assert t_seq == pytest.approx(M * P * step, rel=1e-9)

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Balanced stages and cost-shaped ubatches vs the PoC's even split and fixed ubatches, on 2 CPU stages.
+
+For each prompt length the two engines run alternately on the same prompt (best of --repeat), so the
+ratio between them is measured under the same machine load. Efficiency = measured speedup over running
+every step one at a time / the ideal M·P/(M+P−1) (the stats of Engine.prefill). The simulator, calibrated
+from the first measured even/fixed run's trace (per-stage fit), predicts every point; its error is printed
+next to the measurement.
+
+Example (the table in bench/README.md):
+    python bench/auto_vs_even.py gemma3-270m --ctx 2048,8192 --ubatch 256 --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from turboprefill import Engine
+from turboprefill.bench import machine_info
+from turboprefill.costmodel import fit_trace, trace_rows, windows_of
+from turboprefill.models import resolve_model
+from turboprefill.simulate import simulate
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default="gemma3-270m", help="GGUF path or PyPI model name")
+    ap.add_argument("--ctx", default="2048,8192")
+    ap.add_argument("--ubatch", type=int, default=256, help="fixed ubatch, and ubatch_max of auto")
+    ap.add_argument("--devices", default="cpu:0,cpu:1")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=2)
+    a = ap.parse_args()
+    model = str(resolve_model(a.model))
+    ctxs = [int(x) for x in a.ctx.split(",")]
+    n_ctx = max(ctxs)
+    engines = {
+        "even + fixed": Engine(model, devices=a.devices, threads=a.threads, layer_split=None, ubatch=a.ubatch,
+                               n_ctx=n_ctx),
+        "auto + auto": Engine(model, devices=a.devices, threads=a.threads, layer_split="auto", ubatch="auto",
+                              ubatch_max=a.ubatch, n_ctx=n_ctx),
+    }
+    ref = engines["even + fixed"]
+    windows = windows_of(ref.layer_swa, ref.config["n_swa"])
+    n_embd = ref.config["n_embd"]
+    splits = {k: e.config["layer_split"] for k, e in engines.items()}
+    meta = machine_info()
+    print(f"model {model}; devices {a.devices}, {a.threads} thread(s) per stage; machine {meta['cpu']} "
+          f"({meta['cores']} cores), git {meta['git_sha']}, {meta['date']}")
+    print(f"command: python {' '.join(sys.argv)}")
+    print("splits:", splits, "| auto plan basis:", engines["auto + auto"].config["split_plan"]["basis"])
+    toks = np.random.default_rng(0).integers(0, ref.config["n_vocab"], n_ctx).astype(np.int32)
+    for e in engines.values():
+        e.prefill(toks[:64])
+    costs = None
+    rows = []
+    for n in ctxs:
+        best = {}
+        for _ in range(a.repeat):
+            for name, e in engines.items():  # alternate: both see the same load
+                e.reset()
+                r = e.prefill(toks[:n])
+                if name not in best or r.stats["seconds"] < best[name].stats["seconds"]:
+                    best[name] = r
+        if costs is None:  # calibrate the simulator once, from the first even/fixed measurement
+            split = splits["even + fixed"]
+            ranges, b = [], 0
+            for k in split:
+                ranges.append((b, b + k))
+                b += k
+            tr = trace_rows(best["even + fixed"].trace, 0)
+            costs = [fit_trace([x for x in tr if x[0] == s], 0, ranges, windows) for s in range(len(split))]
+        for name, r in best.items():
+            ev = sorted((x for x in r.trace.events if x.stage == 0), key=lambda x: x.ubatch)
+            bounds = [0] + list(np.cumsum([x.n_tokens for x in ev]))
+            pred, _ = simulate(costs, splits[name], windows, bounds, n_embd, "pipelined")
+            s = r.stats
+            rows.append((n, name, splits[name], s["ubatches"], s["tokens_per_second"], s["ideal_speedup"],
+                         s["efficiency"], pred, s["seconds"]))
+    print()
+    print("| ctx | engine | split | M | tok/s | ideal | efficiency | simulated s | measured s | sim. error |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for n, name, split, M, tps, ideal, eff, pred, sec in rows:
+        print(f"| {n} | {name} | {split} | {M} | {tps:.0f} | {ideal:.2f}x | {100 * eff:.0f}% | {pred:.2f} | "
+              f"{sec:.2f} | {100 * (pred / sec - 1):+.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
