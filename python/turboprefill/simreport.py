@@ -49,6 +49,7 @@ def rfc_rows(n: int = 16384, ubatch: int = 512) -> list[dict]:
             "poc_predicted": tps(even(model.n_layer, P), fixed, "lockstep"),
             "pipelined_even": tps(even(model.n_layer, P), fixed, "pipelined"),
             "pipelined_even_staged": tps(even(model.n_layer, P), fixed, "pipelined", staging=True),
+            "pipelined_auto_split": tps(split_auto, fixed, "pipelined"),
             "pipelined_auto": tps(split_auto, auto, "pipelined"),
             "ideal": n / ideal_seconds(costs, even(model.n_layer, P), w, fixed),
             "split_auto": split_auto,
@@ -58,13 +59,14 @@ def rfc_rows(n: int = 16384, ubatch: int = 512) -> list[dict]:
 
 def rfc_table(rows: list[dict]) -> str:
     out = ["| setup | assumed eff | stock measured | stock predicted (3090 eff) | PoC measured | PoC predicted "
-           "| pipelined, even, fixed 512 (peer) | same, host staging | pipelined, auto split + auto ubatch "
-           "| ideal (no bubbles) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| pipelined, even, fixed 512 (peer) | same, host staging | pipelined, auto split, fixed 512 "
+           "| pipelined, auto split + auto ubatch | ideal (no bubbles) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['setup']} | {100 * r['eff']:.1f}% | {r['stock_measured']:.0f} | "
                    f"{r['stock_from_3090_eff']:.0f} | {r['poc_measured']:.0f} | {r['poc_predicted']:.0f} | "
-                   f"{r['pipelined_even']:.0f} | {r['pipelined_even_staged']:.0f} | {r['pipelined_auto']:.0f} | "
+                   f"{r['pipelined_even']:.0f} | {r['pipelined_even_staged']:.0f} | {r['pipelined_auto_split']:.0f} | "
+                   f"{r['pipelined_auto']:.0f} | "
                    f"{r['ideal']:.0f} |")
     return "\n".join(out)
 

@@ -21,7 +21,10 @@ import numpy as np
 
 from .costmodel import DeviceCost, _model_key, cache_dir, fit_trace, plan_split, stage_times, trace_rows, windows_of
 
-PLAN_TOKENS = 2048  # prompt length the split is planned for (attention's share grows with it)
+# The split is planned for a prompt that fills the engine's context, up to this many tokens: attention's
+# share (and with it the weight of full-attention vs sliding-window layers) grows with the prompt, and an
+# engine is sized (n_ctx) for the prompts it will see.
+PLAN_TOKENS = 16384
 CAL_TOKENS = 384  # calibration prompt: long enough for attention to show, short enough to be cheap
 
 
