@@ -130,6 +130,14 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int = 32) {
   return r;
 }
 
+// Bit l = lane l's predicate, gathered by a butterfly of shuffles (full warps only, like the shuffles).
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  unsigned b = pred ? 1u << (tp_emu::t_ctx->thread_idx.x % 32) : 0u;
+  for (int o = 1; o < 32; o <<= 1) b |= __shfl_xor_sync(mask, b, o);
+  return b;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
 inline int __dp4a(int a, int b, int c) {
   for (int i = 0; i < 4; ++i) c += int(int8_t(uint32_t(a) >> (8 * i))) * int(int8_t(uint32_t(b) >> (8 * i)));
   return c;
@@ -144,6 +152,8 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 // The typed overload nvcc's cuda_runtime.h has for kernels (host compilers see only the const void* one).
 template <class... P>

@@ -14,7 +14,9 @@
 // out += Σ_j p_j V_j in key order, 16 dims per vector. Compiled per ISA with target_clones. An attention
 // sink (gpt-oss) is folded in once at the end, as ggml does: with running max m and sum l, a sink s > m
 // rescales l and the output by e^(m - s) and adds 1, else it adds e^(s - m) to l.
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -26,8 +28,7 @@ namespace {
 
 constexpr int64_t kKeyTile = 64;
 constexpr int64_t kQBlock = 32;
-constexpr int kL = 16;  // lanes per v16f
-constexpr int kKV = kKeyTile / kL;
+constexpr int64_t kVecDim = 16;  // head dims that are a multiple of this take the vector path (any ISA)
 
 struct RowState {
   float m, l;
@@ -36,16 +37,18 @@ struct RowState {
 // NR rows with the same key window against one key tile (keys tb .. tb + kKeyTile - 1, transposed in
 // kt[d][jj]); valid keys [ja, jb] ⊆ the tile. The rows share every K/V load; each row's arithmetic is exactly
 // the single-row sequence. acc[r]: hd floats.
-template <int NR, int NV>
-__attribute__((always_inline)) inline void rows_tile(const float* const* q, const float* kt, const float* V,
+template <int W, int NR, int NV>
+TP_VINLINE void rows_tile(const float* const* q, const float* kt, const float* V,
                                                      int64_t kv_stride, int64_t hd, int64_t tb, int64_t ja,
                                                      int64_t jb, float scale, RowState* st, float* const* acc) {
-  v16f s[NR][kKV];
+  typedef typename VecT<W>::f vf;
+  constexpr int kL = W, kKV = int(kKeyTile) / W;
+  vf s[NR][kKV];
   for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < kKV; ++v) s[r][v] = v16f{};
+    for (int v = 0; v < kKV; ++v) s[r][v] = vf{};
   for (int64_t d = 0; d < hd; ++d) {
-    v16f kv[kKV];
-    for (int v = 0; v < kKV; ++v) kv[v] = ld16(kt + d * kKeyTile + v * kL);
+    vf kv[kKV];
+    for (int v = 0; v < kKV; ++v) kv[v] = vld<W>(kt + d * kKeyTile + v * kL);
     for (int r = 0; r < NR; ++r) {
       const float qd = q[r][d];
       for (int v = 0; v < kKV; ++v) s[r][v] += qd * kv[v];
@@ -57,14 +60,14 @@ __attribute__((always_inline)) inline void rows_tile(const float* const* q, cons
   for (int r = 0; r < NR; ++r) {
     float sc[kKeyTile];
     for (int v = 0; v < kKV; ++v) {
-      st16(sc + v * kL, s[r][v] * scale);
+      vst<W>(sc + v * kL, s[r][v] * scale);
     }
     float mb = -INFINITY;
     for (int j = j_lo; j <= j_hi; ++j) mb = sc[j] > mb ? sc[j] : mb;
     const float m_new = mb > st[r].m ? mb : st[r].m;
     corr[r] = std::exp(st[r].m - m_new);  // exp(-inf) = 0 on the row's first tile
     for (int v = 0; v < kKV; ++v) {
-      st16(p[r] + v * kL, vexp(ld16(sc + v * kL) - m_new));
+      vst<W>(p[r] + v * kL, vexp<W>(vld<W>(sc + v * kL) - m_new));
     }
     float l = st[r].l * corr[r];
     for (int j = j_lo; j <= j_hi; ++j) l += p[r][j];
@@ -73,42 +76,48 @@ __attribute__((always_inline)) inline void rows_tile(const float* const* q, cons
   }
   for (int64_t d0 = 0; d0 < hd; d0 += NV * kL) {
     constexpr int nv = NV;
-    v16f a[NR][NV];
+    vf a[NR][NV];
     for (int r = 0; r < NR; ++r)
       for (int c = 0; c < nv; ++c) {
-        a[r][c] = ld16(acc[r] + d0 + c * kL) * corr[r];
+        a[r][c] = vld<W>(acc[r] + d0 + c * kL) * corr[r];
       }
     for (int j = j_lo; j <= j_hi; ++j) {
       const float* vr = V + (tb + j) * kv_stride + d0;
-      v16f vv[NV];
-      for (int c = 0; c < nv; ++c) vv[c] = ld16(vr + c * kL);
+      vf vv[NV];
+      for (int c = 0; c < nv; ++c) vv[c] = vld<W>(vr + c * kL);
       for (int r = 0; r < NR; ++r) {
         const float pj = p[r][j];
         for (int c = 0; c < nv; ++c) a[r][c] += pj * vv[c];
       }
     }
     for (int r = 0; r < NR; ++r)
-      for (int c = 0; c < nv; ++c) st16(acc[r] + d0 + c * kL, a[r][c]);
+      for (int c = 0; c < nv; ++c) vst<W>(acc[r] + d0 + c * kL, a[r][c]);
   }
 }
 
-// Up to 4 rows at a time (the query heads of one token that share a KV head).
-TP_CPU_CLONES void rows_tile_n(int nr, const float* const* q, const float* kt, const float* V, int64_t kv_stride,
-                               int64_t hd, int64_t tb, int64_t ja, int64_t jb, float scale, RowState* st,
-                               float* const* acc) {
-  // Output dims in chunks of 64 (4 vectors) when the head dim allows, else of 16.
-  const bool by4 = hd % (4 * kL) == 0;
+// Up to 4 rows at a time (the query heads of one token that share a KV head). Output dims go in chunks of
+// 4 vectors when the head dim allows, else of one (16 dims is the vector path's granularity on every ISA).
+template <int W>
+TP_VINLINE void rows_tile_n_impl(int nr, const float* const* q, const float* kt, const float* V, int64_t kv_stride,
+                                 int64_t hd, int64_t tb, int64_t ja, int64_t jb, float scale, RowState* st,
+                                 float* const* acc) {
+  constexpr int N1 = 16 / W;  // vectors per 16 dims
+  const bool by4 = hd % (4 * 16) == 0;
   switch (nr * 2 + (by4 ? 1 : 0)) {
-    case 9: rows_tile<4, 4>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
-    case 8: rows_tile<4, 1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
-    case 7: rows_tile<3, 4>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
-    case 6: rows_tile<3, 1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
-    case 5: rows_tile<2, 4>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
-    case 4: rows_tile<2, 1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
-    case 3: rows_tile<1, 4>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
-    default: rows_tile<1, 1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 9: rows_tile<W, 4, 4 * N1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 8: rows_tile<W, 4, N1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 7: rows_tile<W, 3, 4 * N1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 6: rows_tile<W, 3, N1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 5: rows_tile<W, 2, 4 * N1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 4: rows_tile<W, 2, N1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    case 3: rows_tile<W, 1, 4 * N1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
+    default: rows_tile<W, 1, N1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
   }
 }
+TP_VEC_VARIANTS(rows_tile_n,
+                (int nr, const float* const* q, const float* kt, const float* V, int64_t kv_stride, int64_t hd,
+                 int64_t tb, int64_t ja, int64_t jb, float scale, RowState* st, float* const* acc),
+                (nr, q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc))
 
 // Scalar fallback for head dims that are not a multiple of 16 (same structure, one key at a time).
 void row_tile_scalar(const float* q, const float* kt, const float* V, int64_t kv_stride, int64_t hd, int64_t tb,
@@ -134,6 +143,19 @@ void row_tile_scalar(const float* q, const float* kt, const float* V, int64_t kv
   st.m = m_new;
 }
 
+// Rows per rows_tile_n call. Each row keeps its 64 scores in 4 vectors of 16 floats: 4 zmm registers on
+// AVX-512 (4 rows fit in 32), but 8 ymm on AVX2, where 2 rows already fill all 16 registers and spill.
+// A row's arithmetic is the same however many share the call, so results do not depend on this.
+int rows_per_call() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (const char* e = std::getenv("TP_ATTN_ROWS")) return std::max(1, std::min(4, std::atoi(e)));
+  return __builtin_cpu_supports("avx512f") ? 4 : 1;
+#else
+  return 4;
+#endif
+}
+
 }  // namespace
 
 void cpu_attention(ThreadPool& pool, float* out, const float* q, const float* K, const float* V, int64_t pos0,
@@ -141,8 +163,9 @@ void cpu_attention(ThreadPool& pool, float* out, const float* q, const float* K,
   const int64_t hd = p.head_dim, group = p.n_head / p.n_head_kv, kv_stride = p.n_head_kv * hd;
   const int64_t q_stride = p.n_head * hd;
   const int64_t n_qb = (n_tok + kQBlock - 1) / kQBlock;
-  const bool vec = hd % kL == 0;
+  const bool vec = hd % kVecDim == 0;
   const float* sinks = p.sinks.present() ? p.sinks.f32() : nullptr;
+  static const int max_rows = rows_per_call();
   auto first_key = [&](int64_t pos) { return p.n_swa > 0 && pos - p.n_swa + 1 > 0 ? pos - p.n_swa + 1 : 0; };
   // Later query blocks see more keys: hand them out first.
   pool.parallel_for(n_qb * p.n_head_kv, 1, [&](int64_t b, int64_t e, int) {
@@ -199,7 +222,7 @@ void cpu_attention(ThreadPool& pool, float* out, const float* q, const float* K,
                               acc.data() + r * hd);
               continue;
             }
-            if (n_pend == 4 || (n_pend > 0 && (ja != pend_ja || jb != pend_jb))) flush();
+            if (n_pend == max_rows || (n_pend > 0 && (ja != pend_ja || jb != pend_jb))) flush();
             pend_ja = ja;
             pend_jb = jb;
             qs[n_pend] = qr;

@@ -22,25 +22,25 @@ namespace {
 // out = act(gate) * up over [0, n). SiLU: g / (1 + e^-g); GELU-tanh: 0.5 g (1 + tanh(u)) = g / (1 + e^-2u)
 // with u = sqrt(2/pi) (g + 0.044715 g^3), the same function without tanh's cancellation; SwigluOai (gpt-oss):
 // g = min(g, 7), u = clamp(u, -7, 7), g / (1 + e^(-1.702 g)) * (u + 1). e^x is vexp (kernels.h, ≈ 1e-7
-// relative), 16 lanes at a time, the scalar tail through std::exp.
-TP_CPU_CLONES void glu_range(float* out, const float* gate, const float* up, int64_t n, Activation act) {
+// relative), a vector at a time, the scalar tail through std::exp.
+template <int W>
+TP_VINLINE void glu_range_impl(float* out, const float* gate, const float* up, int64_t n, Activation act) {
+  typedef typename VecT<W>::f vf;
   const float lim = kSwigluOaiLimit;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v16f g, u;
-    memcpy(&g, gate + i, sizeof(g));
-    memcpy(&u, up + i, sizeof(u));
-    v16f r;
+  for (; i + W <= n; i += W) {
+    vf g = vld<W>(gate + i), u = vld<W>(up + i);
+    vf r;
     if (act == Activation::SwigluOai) {
       g = g < lim ? g : lim;
       u = u < lim ? u : lim;
       u = u > -lim ? u : -lim;
-      r = g / (1.0f + vexp(-kSwigluOaiAlpha * g)) * (u + 1.0f);
+      r = g / (1.0f + vexp<W>(-kSwigluOaiAlpha * g)) * (u + 1.0f);
     } else {
-      const v16f z = act == Activation::Silu ? -g : -2.0f * (0.7978845608028654f * (g + 0.044715f * g * g * g));
-      r = g / (1.0f + vexp(z)) * u;
+      const vf z = act == Activation::Silu ? -g : -2.0f * (0.7978845608028654f * (g + 0.044715f * g * g * g));
+      r = g / (1.0f + vexp<W>(z)) * u;
     }
-    memcpy(out + i, &r, sizeof(r));
+    vst<W>(out + i, r);
   }
   for (; i < n; ++i) {
     float g = gate[i], u = up[i];
@@ -54,6 +54,8 @@ TP_CPU_CLONES void glu_range(float* out, const float* gate, const float* up, int
     out[i] = g / (1.0f + std::exp(z)) * u;
   }
 }
+TP_VEC_VARIANTS(glu_range, (float* out, const float* gate, const float* up, int64_t n, Activation act),
+                (out, gate, up, n, act))
 
 // The angle of pair k from its extrapolated angle θ_e (pos·base^(-2k/n_rot) [/ factor]): freq_scale·θ_e, or
 // YaRN's blend of that with θ_e (config.h). The plain case keeps the product order the dense models had.

@@ -1,10 +1,10 @@
 // kernels.h — CPU kernels behind CpuOps, one function per op family, each parallel over a ThreadPool.
 //
-// SIMD: the float loops (f32 matmul, attention, GLU) use GCC/Clang generic vectors compiled once per
-// instruction set with target_clones, so the dynamic loader picks AVX-512, AVX2+FMA or baseline x86-64 on
-// the machine that runs the wheel (no -march at build time); the int8 matmul kernels (matmul.cpp) are
-// intrinsics under __attribute__((target)) chosen at run time with __builtin_cpu_supports (AVX-512 VNNI,
-// AVX2, scalar). Non-x86 builds compile the portable versions only.
+// SIMD: the float loops (f32 matmul, attention, GLU) use GCC/Clang generic vectors of the machine's width,
+// instantiated per instruction set and picked at run time (see "vectors of the machine's width" below); the
+// int8 matmul kernels (matmul.cpp) are intrinsics under __attribute__((target)) chosen at run time with
+// __builtin_cpu_supports (AVX-512 VNNI, AVX2, scalar). The library is built for baseline x86-64 (no -march),
+// so one wheel runs everywhere. Non-x86 builds compile the portable versions only.
 #pragma once
 
 #include <cstdint>
@@ -14,58 +14,98 @@
 #include "backend/cpu/threadpool.h"
 #include "backend/ops.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TP_TSAN_BUILD)
-#define TP_CPU_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#else
-#define TP_CPU_CLONES
-#endif
-
 namespace tp {
 
-// ---- generic-vector math shared by the kernels (compiled into each target_clones variant) -------------
-
-// vexp returns a 64-byte vector: always inlined, so the ABI note GCC gives for non-AVX-512 callers is moot.
+// ---- vectors of the machine's width -----------------------------------------------------------------------
+//
+// The float kernels (attention, GLU, f32 matmul) are templates over the vector width W, instantiated three
+// times inside functions with __attribute__((target)): W = 16 floats under AVX-512, 8 under AVX2+FMA, 4 on
+// baseline x86-64 (SSE2); vec_isa() picks one per machine at run time (TP_VEC_VARIANTS below). The width has
+// to match the ISA: GCC lowers a 64-byte vector on an AVX2 target through the stack, which made the former
+// single 16-wide type (one target_clones body for every ISA) ~40x slower on AVX2 than on AVX-512.
+// Everything is inlined into the per-ISA functions, so no weak symbol is ever compiled for a wider ISA than
+// the machine has.
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of always-inline helpers never cross an ABI
 #endif
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef float v16fu __attribute__((vector_size(64), aligned(4), may_alias));
+#define TP_VINLINE __attribute__((always_inline)) inline
 
-// Unaligned 16-float load/store as plain vector moves (memcpy loops can be turned into library calls).
-__attribute__((always_inline)) inline v16f ld16(const float* p) { return *reinterpret_cast<const v16fu*>(p); }
-__attribute__((always_inline)) inline void st16(float* p, v16f v) { *reinterpret_cast<v16fu*>(p) = v; }
+template <int W>
+struct VecT {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef int32_t i __attribute__((vector_size(4 * W)));
+  typedef float fu __attribute__((vector_size(4 * W), aligned(4), may_alias));
+};
 
-// e^x, 16 lanes: x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by a degree-6 polynomial, 2^n through the
+// Unaligned W-float load/store as plain vector moves (memcpy loops can be turned into library calls).
+template <int W>
+TP_VINLINE typename VecT<W>::f vld(const float* p) {
+  return *reinterpret_cast<const typename VecT<W>::fu*>(p);
+}
+template <int W>
+TP_VINLINE void vst(float* p, typename VecT<W>::f v) {
+  *reinterpret_cast<typename VecT<W>::fu*>(p) = v;
+}
+
+// e^x, W lanes: x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by a degree-6 polynomial, 2^n through the
 // exponent bits (Cephes' expf polynomial, ~2 ulp); attention and GLU results that use it are checked
 // against f64 in tests/test_cpu_kernels.py and tests/test_engine.py. Inputs below -87.3 give 0; above
-// 88.7 they are clamped (no inf).
-__attribute__((always_inline)) inline v16f vexp(v16f x) {
-  const v16f hi_c = v16f{} + 88.7f, lo_c = v16f{} - 87.3f;
-  v16f xc = x > hi_c ? hi_c : x;
+// 88.7 they are clamped (no inf). Lane-wise, so every width gives the same value for the same input.
+template <int W>
+TP_VINLINE typename VecT<W>::f vexp(typename VecT<W>::f x) {
+  typedef typename VecT<W>::f vf;
+  typedef typename VecT<W>::i vi;
+  const vf hi_c = vf{} + 88.7f, lo_c = vf{} - 87.3f;
+  vf xc = x > hi_c ? hi_c : x;
   xc = xc < lo_c ? lo_c : xc;
-  const v16f shifter = v16f{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const v16f n = (xc * 1.44269504088896341f + shifter) - shifter;
-  const v16f r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  v16f poly = v16f{} + 1.9875691500e-4f;
+  const vf shifter = vf{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (xc * 1.44269504088896341f + shifter) - shifter;
+  const vf r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  vf poly = vf{} + 1.9875691500e-4f;
   poly = poly * r + 1.3981999507e-3f;
   poly = poly * r + 8.3334519073e-3f;
   poly = poly * r + 4.1665795894e-2f;
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   poly = poly * r * r + r + 1.0f;
-  const v16i ni = __builtin_convertvector(n, v16i);
-  const v16i bits = (ni + 127) << 23;
-  v16f scale;
+  const vi ni = __builtin_convertvector(n, vi);
+  const vi bits = (ni + 127) << 23;
+  vf scale;
   memcpy(&scale, &bits, sizeof(scale));
-  v16f res = poly * scale;
-  const v16i under = x < -87.3f;
-  v16i rb;
+  vf res = poly * scale;
+  const vi under = x < -87.3f;
+  vi rb;
   memcpy(&rb, &res, sizeof(rb));
   rb &= ~under;
   memcpy(&res, &rb, sizeof(res));
   return res;
 }
+
+// The float kernels' instruction set on this machine: 2 AVX-512 (W = 16), 1 AVX2+FMA (W = 8), 0 baseline.
+int vec_isa();
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TP_VEC_X86 1
+// TP_VEC_VARIANTS(name, (params), (args)): from a template name##_impl<W>(params), defines name(params),
+// which runs the instantiation for this machine's ISA.
+#define TP_VEC_VARIANTS(name, params, args)                                                          \
+  __attribute__((target("avx512f,avx512dq,fma"))) void name##_w16 params { name##_impl<16> args; } \
+  __attribute__((target("avx2,fma,f16c"))) void name##_w8 params { name##_impl<8> args; }          \
+  void name##_w4 params { name##_impl<4> args; }                                                    \
+  void name params {                                                                                \
+    static const int isa = vec_isa();                                                               \
+    if (isa == 2)                                                                                   \
+      name##_w16 args;                                                                              \
+    else if (isa == 1)                                                                              \
+      name##_w8 args;                                                                               \
+    else                                                                                            \
+      name##_w4 args;                                                                               \
+  }
+#else
+#define TP_VEC_X86 0
+#define TP_VEC_VARIANTS(name, params, args) \
+  void name params { name##_impl<4> args; }
+#endif
 
 // out[t][r] = sum_k W[r][k] * in[t][k]: two-stage int8 activations × int8 weight tiles for the quantized
 // types, f32 for F32/F16/BF16 (matmul.cpp); each (row, token) in a fixed order.

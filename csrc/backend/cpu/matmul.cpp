@@ -70,6 +70,20 @@ int detect_isa() {
   return kScalar;
 }
 
+}  // namespace
+
+int vec_isa() {
+#if TP_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;  // (every such CPU has F16C)
+#endif
+  return 0;
+}
+
+namespace {
+
 int active_isa() {
   static const int detected = detect_isa();
   const int o = g_isa_override.load(std::memory_order_relaxed);
@@ -661,19 +675,22 @@ bool cpu_matmul_grouped(ThreadPool& pool, float* y, const Tensor& w, const float
   });
 }
 
+#if TP_X86
+#define TP_F32_BASE "baseline"
+#else
+#define TP_F32_BASE "portable"
+#endif
+
 void cpu_set_isa_override(int level) { g_isa_override.store(level, std::memory_order_relaxed); }
 
 const char* cpu_simd_level() {
-  switch (active_isa()) {
-    case kAvx512Vnni: return "int8:avx512-vnni f32:avx512f";
-    case kAvx2: return "int8:avx2 f32:avx2+fma";
-    default:
-#if TP_X86
-      return "int8:scalar f32:baseline";
-#else
-      return "int8:scalar f32:portable";
-#endif
-  }
+  // The int8 kernels' ISA (which tests may cap) and the float kernels' (vec_isa), e.g. "int8:avx2 f32:avx2+fma".
+  static const char* const kNames[3][3] = {
+      {"int8:scalar f32:" TP_F32_BASE, "int8:scalar f32:avx2+fma", "int8:scalar f32:avx512f"},
+      {"int8:avx2 f32:" TP_F32_BASE, "int8:avx2 f32:avx2+fma", "int8:avx2 f32:avx512f"},
+      {"int8:avx512-vnni f32:" TP_F32_BASE, "int8:avx512-vnni f32:avx2+fma", "int8:avx512-vnni f32:avx512f"},
+  };
+  return kNames[active_isa()][vec_isa()];
 }
 
 }  // namespace tp

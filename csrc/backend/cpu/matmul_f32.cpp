@@ -1,7 +1,7 @@
 // matmul_f32.cpp — CPU matmul for float weights (F32/F16/BF16, and any type without int8 unpacking): rows
-// decoded into a thread-local tile and multiplied with a register-blocked f32 kernel, compiled per ISA with
-// target_clones (kernels.h). Each (row, token) is one fixed-order dot product, so results do not depend on
-// the thread count or on how tokens are batched.
+// decoded into a thread-local tile and multiplied with a register-blocked f32 kernel of the machine's vector
+// width (kernels.h). Each (row, token) is one fixed-order dot product, so results do not depend on the thread
+// count or on how tokens are batched (the lane count, and so the summation order, depends on the ISA).
 #include <cstring>
 #include <vector>
 
@@ -13,22 +13,21 @@ namespace tp {
 namespace {
 
 constexpr int64_t kRowTile = 16;
-constexpr int kVec = 16;
 
 // NR rows of w (stride ldw) times NT rows of x (stride ldx), K elements; out[t * ldo + r].
-template <int NR, int NT>
-__attribute__((always_inline)) inline void dot_block(const float* w, int64_t ldw, const float* x, int64_t ldx,
+template <int W, int NR, int NT>
+TP_VINLINE void dot_block(const float* w, int64_t ldw, const float* x, int64_t ldx,
                                                      int64_t K, float* out, int64_t ldo) {
-  v16f acc[NR][NT];
+  typedef typename VecT<W>::f vf;
+  vf acc[NR][NT];
   for (int r = 0; r < NR; ++r)
-    for (int t = 0; t < NT; ++t) acc[r][t] = v16f{};
+    for (int t = 0; t < NT; ++t) acc[r][t] = vf{};
   int64_t k = 0;
-  for (; k + kVec <= K; k += kVec) {
-    v16f xv[NT];
-    for (int t = 0; t < NT; ++t) memcpy(&xv[t], x + t * ldx + k, sizeof(v16f));
+  for (; k + W <= K; k += W) {
+    vf xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = vld<W>(x + t * ldx + k);
     for (int r = 0; r < NR; ++r) {
-      v16f wv;
-      memcpy(&wv, w + r * ldw + k, sizeof(v16f));
+      const vf wv = vld<W>(w + r * ldw + k);
       for (int t = 0; t < NT; ++t) acc[r][t] += wv * xv[t];
     }
   }
@@ -36,7 +35,7 @@ __attribute__((always_inline)) inline void dot_block(const float* w, int64_t ldw
     for (int t = 0; t < NT; ++t) {
       // Fixed-order horizontal sum, then the scalar tail.
       float s = 0.0f;
-      for (int i = 0; i < kVec; ++i) s += acc[r][t][i];
+      for (int i = 0; i < W; ++i) s += acc[r][t][i];
       for (int64_t kk = k; kk < K; ++kk) s += w[r * ldw + kk] * x[t * ldx + kk];
       out[t * ldo + r] = s;
     }
@@ -44,20 +43,27 @@ __attribute__((always_inline)) inline void dot_block(const float* w, int64_t ldw
 }
 
 // Rows [0, nr) of a decoded tile against all n_tok tokens.
-TP_CPU_CLONES void tile_times_tokens(const float* wt, int64_t nr, int64_t K, const float* x, int64_t n_tok,
-                                     float* out, int64_t ldo) {
+template <int W>
+TP_VINLINE void tile_times_tokens_impl(const float* wt, int64_t nr, int64_t K, const float* x, int64_t n_tok,
+                                       float* out, int64_t ldo) {
+  // Register blocking: 4 rows x 4 tokens of accumulators (16 vectors) on AVX-512's 32 registers, 2 x 4 with
+  // AVX2's and SSE2's 16.
+  constexpr int R = W == 16 ? 4 : 2;
   int64_t r = 0;
-  for (; r + 4 <= nr; r += 4) {
+  for (; r + R <= nr; r += R) {
     int64_t t = 0;
-    for (; t + 4 <= n_tok; t += 4) dot_block<4, 4>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
-    for (; t < n_tok; ++t) dot_block<4, 1>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
+    for (; t + 4 <= n_tok; t += 4) dot_block<W, R, 4>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
+    for (; t < n_tok; ++t) dot_block<W, R, 1>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
   }
   for (; r < nr; ++r) {
     int64_t t = 0;
-    for (; t + 4 <= n_tok; t += 4) dot_block<1, 4>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
-    for (; t < n_tok; ++t) dot_block<1, 1>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
+    for (; t + 4 <= n_tok; t += 4) dot_block<W, 1, 4>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
+    for (; t < n_tok; ++t) dot_block<W, 1, 1>(wt + r * K, K, x + t * K, K, K, out + t * ldo + r, ldo);
   }
 }
+TP_VEC_VARIANTS(tile_times_tokens,
+                (const float* wt, int64_t nr, int64_t K, const float* x, int64_t n_tok, float* out, int64_t ldo),
+                (wt, nr, K, x, n_tok, out, ldo))
 
 }  // namespace
 

@@ -39,14 +39,15 @@ int current_cc_major() {
 
 cudaError_t tp_attention_cuda(float* out, const float* q, const __half* k_cache, const __half* v_cache,
                               int64_t pos0, int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                              float kq_scale, int64_t n_swa, TpAttnKernel kernel, cudaStream_t stream) {
+                              float kq_scale, int64_t n_swa, const float* sinks, TpAttnKernel kernel,
+                              cudaStream_t stream) {
   using namespace tp::cuda;
   if (pos0 < 0 || n_tok < 0 || n_head < 1 || n_head_kv < 1 || n_head % n_head_kv || n_swa < 0 || head_dim < 1 ||
       head_dim > kTpAttnMaxHeadDim || n_head > 65535 || !out || !q || !k_cache || !v_cache)
     return cudaErrorInvalidValue;
   if (n_tok == 0) return cudaSuccess;
   if ((n_tok + kSimpleRows - 1) / kSimpleRows > INT32_MAX) return cudaErrorInvalidValue;
-  const AttnArgs a{out, q, k_cache, v_cache, pos0, n_tok, n_head, n_head_kv, head_dim, n_swa, kq_scale};
+  const AttnArgs a{out, q, k_cache, v_cache, pos0, n_tok, n_head, n_head_kv, head_dim, n_swa, kq_scale, sinks};
 
   const bool mma_size = head_dim == 64 || head_dim == 128 || head_dim == 256;
   const bool mma_ok = mma_size && kernel != TpAttnKernel::Simple && current_cc_major() >= 8;

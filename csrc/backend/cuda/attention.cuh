@@ -22,7 +22,24 @@ struct AttnArgs {
   int64_t pos0, n_tok, n_head, n_head_kv, head_dim;
   int64_t n_swa;      // 0: full causal; else keys j > pos - n_swa
   float kq_scale;
+  const float* sinks;  // [n_head] f32 sink logits (gpt-oss) or null; folded in at the end, see tp_attn_sink
 };
+
+// Folds head h's sink logit into a finished row, as the CPU (cpu/attention.cpp) and ggml do: with the row's
+// running max m and sum l (in the domain `unit` converts to: 1 for natural exponents, log2(e) for the
+// tensor-core kernel's exp2), a sink above m rescales l and the output by e^(m - sink) and adds 1, else
+// l gains e^(sink - m). Returns the factor for the output (1 without a sink); l is updated.
+__device__ __forceinline__ float tp_attn_sink(const float* sinks, int64_t h, float m, float& l, bool log2_domain) {
+  if (!sinks) return 1.f;
+  const float s = log2_domain ? sinks[h] * 1.4426950408889634f : sinks[h];
+  if (s > m) {
+    const float vs = log2_domain ? exp2f(m - s) : expf(m - s);
+    l = l * vs + 1.f;
+    return vs;
+  }
+  l += log2_domain ? exp2f(s - m) : expf(s - m);
+  return 1.f;
+}
 
 // Tensor-core (mma.sync m16n8k16) flash attention for head_dim == D; sm_80+ only. Returns the launch error.
 template <int D>

@@ -13,6 +13,7 @@
 //   C (16×8, f32)        c0,c1:(g, 2t..2t+1) c2,c3:(g+8, 2t..2t+1)
 // so the C tiles of S for keys 16kk..16kk+15 are exactly the A fragment of P for the P·V step (FA2's
 // register reuse), Kᵀ fragments are 32-bit loads of K rows, and V fragments pair two K rows' halves.
+// An attention sink (gpt-oss) joins each row's denominator after the last tile (tp_attn_sink, log2 domain).
 //
 // Exactness arguments the tests rely on:
 //  - A tile that is fully masked for a row leaves that row's (m, l, O) bit-unchanged (its max is -inf, the
@@ -209,15 +210,19 @@ __device__ __forceinline__ void attn_mma_body(const AttnArgs& a, float scale_log
   l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
   l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
   l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  // m is in the log2 domain here (scores scaled by kq_scale·log2 e); rows past n_tok are never stored.
+  const float vs_lo = tp_attn_sink(a.sinks, h, m_lo, l_lo, true), vs_hi = tp_attn_sink(a.sinks, h, m_hi, l_hi, true);
   const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
   const int64_t r_lo = wrow + g, r_hi = r_lo + 8;
 #pragma unroll
   for (int j = 0; j < ND; ++j) {
     const int64_t col = h * D + j * 8 + 2 * tq;
     if (r_lo < a.n_tok)
-      *reinterpret_cast<float2*>(a.out + r_lo * q_stride + col) = make_float2(o[j][0] * inv_lo, o[j][1] * inv_lo);
+      *reinterpret_cast<float2*>(a.out + r_lo * q_stride + col) =
+          make_float2((o[j][0] * vs_lo) * inv_lo, (o[j][1] * vs_lo) * inv_lo);
     if (r_hi < a.n_tok)
-      *reinterpret_cast<float2*>(a.out + r_hi * q_stride + col) = make_float2(o[j][2] * inv_hi, o[j][3] * inv_hi);
+      *reinterpret_cast<float2*>(a.out + r_hi * q_stride + col) =
+          make_float2((o[j][2] * vs_hi) * inv_hi, (o[j][3] * vs_hi) * inv_hi);
   }
 }
 

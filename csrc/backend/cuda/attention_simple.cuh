@@ -5,7 +5,8 @@
 // cache; half the footprint, so head_dim 256 fits sm_75's 64 KiB), Q rows as f32. For a row, lane j scores
 // key j of the tile (dot product in f32, in dimension order), the warp reduces the tile max, the online
 // softmax runs in f32 with expf, and lane l accumulates output dims l, l+32, ... with the tile's p_j
-// broadcast by shuffles. Masking and exactness arguments as in attention_mma.cuh. Kept in a header, apart
+// broadcast by shuffles; an attention sink joins the denominator at the end (tp_attn_sink). Masking and
+// exactness arguments as in attention_mma.cuh. Kept in a header, apart
 // from its launcher, so tests/cpp/attention_emulate.cpp can run the body on CPU threads.
 #pragma once
 
@@ -112,11 +113,13 @@ __device__ __forceinline__ void attn_simple_body(const AttnArgs& a) {
   for (int rr = 0; rr < kSimpleRowsPerWarp; ++rr) {
     const int64_t t = row0 + warp * kSimpleRowsPerWarp + rr;
     if (t >= a.n_tok) continue;
-    const float inv = 1.f / tp_warp_sum(l[rr]);
+    float lt = tp_warp_sum(l[rr]);
+    const float vs = tp_attn_sink(a.sinks, h, m[rr], lt, false);
+    const float inv = 1.f / lt;
 #pragma unroll
     for (int i = 0; i < DV; ++i) {
       const int d = lane + 32 * i;
-      if (d < D) a.out[t * q_stride + h * D + d] = o[rr][i] * inv;
+      if (d < D) a.out[t * q_stride + h * D + d] = (o[rr][i] * vs) * inv;
     }
   }
 }

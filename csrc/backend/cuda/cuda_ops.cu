@@ -5,7 +5,11 @@
 // Weights: the model's Tensors point into the host mapping; upload() copies one to the GPU once and later
 // calls find the copy by the tensor's host address (weight()), so the decoder passes the same Tensors to
 // every backend. The engine uploads a stage's tensors at placement; anything not uploaded is copied on
-// first use. RopeParams::freq_factors (a host pointer into the mapping) is looked up the same way.
+// first use. RopeParams::freq_factors (a host pointer into the mapping) and AttnParams::sinks are looked up
+// the same way. Mixture of experts: expert ids stay on the GPU (alloc_i32); router_topk, moe_matmul (routing
+// and the grouped matmul on the device, matmul_moe.cu) and moe_combine never read them on the host, and
+// moe_matmul shares the matmul scratch (grown on the first ubatch that needs more than upload() reserved,
+// since the per-slot input of the down projection is k times a ubatch).
 //
 // Ordering: every op is enqueued on stream_ and returns at once. Nothing in the per-ubatch path blocks the
 // host: no cudaDeviceSynchronize / cudaStreamSynchronize, no pageable-memory copies (token ids travel in
@@ -154,6 +158,14 @@ class CudaOps final : public Ops {
     return static_cast<float*>(p);
   }
 
+  int32_t* alloc_i32(int64_t n) override {
+    set_device();
+    const size_t bytes = size_t(n > 0 ? n : 1) * sizeof(int32_t);
+    void* p = dmalloc(bytes, fmt("an expert-id buffer of %lld int32", (long long)n));
+    buffers_.push_back(p);
+    return static_cast<int32_t*>(p);
+  }
+
   void upload(const Tensor& t) override {
     if (!t.present() || weights_.count(t.data)) return;
     set_device();
@@ -239,7 +251,7 @@ class CudaOps final : public Ops {
     const float* ff = nullptr;
     if (p.freq_factors)
       ff = static_cast<const float*>(device_copy(p.freq_factors, size_t(p.n_rot / 2) * sizeof(float), "rope_freqs"));
-    check(tp_rope_cuda(x, n_tok, n_heads, head_dim, pos0, p.mode, p.n_rot, p.base, p.freq_scale, ff, stream_),
+    check(tp_rope_cuda(x, n_tok, n_heads, head_dim, pos0, p.mode, p.n_rot, p.base, p.freq_scale, ff, p.yarn, stream_),
           "rope launch");
   }
 
@@ -258,15 +270,68 @@ class CudaOps final : public Ops {
     if (p.n_head_kv * p.head_dim != kv_dim_)
       fail(TP_ERR_INTERNAL, "cuda:%d: attention with %lld KV heads of %lld but the KV cache holds %lld per position",
            device_, (long long)p.n_head_kv, (long long)p.head_dim, (long long)kv_dim_);
+    if (p.sinks.present() && (p.sinks.type != GgmlType::F32 || p.sinks.cols * p.sinks.rows != p.n_head))
+      fail(TP_ERR_INTERNAL, "cuda:%d: attention sinks %s must be %lld f32 values (one per head), got %lld × %lld %s",
+           device_, p.sinks.name ? p.sinks.name : "(unnamed)", (long long)p.n_head, (long long)p.sinks.rows,
+           (long long)p.sinks.cols, type_traits(int32_t(p.sinks.type)).name);
     set_device();
+    const float* sinks = p.sinks.present() ? static_cast<const float*>(weight(p.sinks)) : nullptr;
     check(tp_attention_cuda(out, q, k_[size_t(layer)], v_[size_t(layer)], pos0, n_tok, p.n_head, p.n_head_kv,
-                            p.head_dim, p.kq_scale, p.n_swa, attn_kernel_, stream_),
+                            p.head_dim, p.kq_scale, p.n_swa, sinks, attn_kernel_, stream_),
           "attention launch");
   }
 
   void glu(float* out, const float* gate, const float* up, int64_t n, Activation act) override {
     set_device();
     check(tp_glu_cuda(out, gate, up, n, act, stream_), "glu launch");
+  }
+
+  void router_topk(int32_t* ids, float* weights, const float* logits, int64_t n_tok, int64_t n_expert,
+                   int64_t k) override {
+    set_device();
+    const cudaError_t e = tp_router_topk_cuda(ids, weights, logits, n_tok, n_expert, k, stream_);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      fail(TP_ERR_DEVICE, "cuda:%d: router_topk launch failed: %s (%lld tokens, top %lld of %lld experts)", device_,
+           cudaGetErrorName(e), (long long)n_tok, (long long)k, (long long)n_expert);
+    }
+  }
+
+  // Grouped over all experts in one launch sequence (matmul_moe.cu); the scratch grows here when a ubatch
+  // needs more than upload() reserved (growth allocates without waiting; the old buffer retires).
+  void moe_matmul(float* out, const Tensor& w, const Tensor& b, const float* in, bool in_per_slot, const int32_t* ids,
+                  int64_t n_tok, int64_t k) override {
+    const int64_t rows = w.mat_rows();
+    if (b.present() && (b.type != GgmlType::F32 || b.cols * b.rows != w.mats * rows))
+      fail(TP_ERR_INTERNAL, "cuda:%d: moe_matmul bias %s must be %lld × %lld f32, got %lld × %lld %s", device_,
+           b.name ? b.name : "(unnamed)", (long long)w.mats, (long long)rows, (long long)b.rows, (long long)b.cols,
+           type_traits(int32_t(b.type)).name);
+    set_device();
+    const void* dw = weight(w);
+    const float* db = b.present() ? static_cast<const float*>(weight(b)) : nullptr;
+    const size_t need = tp_moe_matmul_cuda_scratch_bytes(w.type, w.cols, w.mats, in_per_slot, n_tok, k);
+    if (need > scratch_bytes_) grow_scratch(std::max(need, scratch_reserve_));
+    const cudaError_t e = tp_moe_matmul_cuda(out, dw, w.type, w.mats, rows, w.cols, db, in, in_per_slot, ids, n_tok, k,
+                                             scratch_, stream_);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      fail(TP_ERR_DEVICE,
+           "cuda:%d: moe_matmul launch failed: %s (%s: %s, %lld experts of [%lld × %lld], %lld tokens × %lld "
+           "experts each, %s input)",
+           device_, cudaGetErrorName(e), w.name ? w.name : "weight", type_traits(int32_t(w.type)).name,
+           (long long)w.mats, (long long)rows, (long long)w.cols, (long long)n_tok, (long long)k,
+           in_per_slot ? "per-slot" : "per-token");
+    }
+  }
+
+  void moe_combine(float* out, const float* y, const float* weights, int64_t n_tok, int64_t k, int64_t dim) override {
+    set_device();
+    const cudaError_t e = tp_moe_combine_cuda(out, y, weights, n_tok, k, dim, stream_);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      fail(TP_ERR_DEVICE, "cuda:%d: moe_combine launch failed: %s (%lld tokens × %lld experts × %lld)", device_,
+           cudaGetErrorName(e), (long long)n_tok, (long long)k, (long long)dim);
+    }
   }
 
   void add(float* out, const float* a, const float* b, int64_t n) override {

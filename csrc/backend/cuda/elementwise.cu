@@ -2,7 +2,8 @@
 //
 // glu evaluates the CPU backend's expressions (cpu_ops.cpp) in the same order with explicitly rounded
 // operations: silu(g)·u = (g / (1 + e^−g))·u and gelu_tanh(g)·u =
-// ((0.5·g)·(1 + tanh(0.7978845608·(g + ((0.044715·g)·g)·g))))·u; only expf/tanhf differ (<= 2 ulp).
+// ((0.5·g)·(1 + tanh(0.7978845608·(g + ((0.044715·g)·g)·g))))·u and swiglu_oai (gpt-oss) with g = min(g, 7),
+// u = clamp(u, -7, 7): (g / (1 + e^(−1.702·g)))·(u + 1); only expf/tanhf differ (<= 2 ulp).
 // The embedding gather decodes each table row with the TP_HD block decoders of csrc/quant/blocks.h, the
 // code the CPU backend and the reference dequantizer run. (nvcc may fuse a decoder's d·q − m into an FMA,
 // so a decoded value can differ from the CPU's by 1 ulp of d·q.)
@@ -11,11 +12,22 @@
 
 namespace {
 
-__global__ void glu_kernel(float* out, const float* gate, const float* up, int64_t n, bool gelu) {
+__global__ void glu_kernel(float* out, const float* gate, const float* up, int64_t n, tp::Activation act) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const float g = gate[i];
+    float g = gate[i];
     float a;
-    if (gelu) {
+    if (act == tp::Activation::SwigluOai) {
+      // The CPU's std::min / std::max forms (a NaN gate passes through min like there).
+      const float lim = tp::kSwigluOaiLimit;
+      g = lim < g ? lim : g;
+      float u = up[i];
+      u = lim < u ? lim : u;
+      u = -lim < u ? u : -lim;
+      a = __fdiv_rn(g, __fadd_rn(1.0f, expf(__fmul_rn(-tp::kSwigluOaiAlpha, g))));
+      out[i] = __fmul_rn(a, __fadd_rn(u, 1.0f));
+      continue;
+    }
+    if (act == tp::Activation::GeluTanh) {
       const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, g), g), g);
       const float t = tanhf(__fmul_rn(0.7978845608028654f, __fadd_rn(g, cube)));
       a = __fmul_rn(__fmul_rn(0.5f, g), __fadd_rn(1.0f, t));
@@ -62,7 +74,7 @@ cudaError_t tp_glu_cuda(float* out, const float* gate, const float* up, int64_t 
                         cudaStream_t stream) {
   if (n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  TP_LAUNCH(glu_kernel, tp_grid_blocks(n, 256), 256, 0, stream, out, gate, up, n, act == tp::Activation::GeluTanh);
+  TP_LAUNCH(glu_kernel, tp_grid_blocks(n, 256), 256, 0, stream, out, gate, up, n, act);
   return cudaGetLastError();
 }
 

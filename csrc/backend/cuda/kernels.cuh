@@ -19,7 +19,7 @@
 
 #include "backend/cuda/compat.cuh"
 
-#include "model/config.h"  // RopeMode, Activation
+#include "model/config.h"  // RopeMode, Activation, YarnParams
 #include "quant/types.h"   // GgmlType
 
 // out[r] = in[r] / sqrt(mean(in[r]^2) + eps) * w       in/out: [rows, dim] (may alias), w: [dim] f32
@@ -28,12 +28,14 @@ cudaError_t tp_rms_norm_cuda(float* out, const float* in, const float* w, int64_
 
 // In-place rotary embedding of every head of x ([n_tok, n_heads, head_dim]); token i sits at pos0 + i.
 // Pairs (a, b) are (2k, 2k+1) for Norm, (k, k + n_rot/2) for Neox; dims >= n_rot pass through.
-// freq_factors: [n_rot/2] divisors of the angles (device) or null.
+// freq_factors: [n_rot/2] divisors of the angles (device) or null. yarn: YaRN's blend and cos/sin scale
+// (model/config.h; ext_factor 0 is plain RoPE).
 cudaError_t tp_rope_cuda(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0,
                          tp::RopeMode mode, int64_t n_rot, float base, float freq_scale, const float* freq_factors,
-                         cudaStream_t stream);
+                         tp::YarnParams yarn, cudaStream_t stream);
 
-// out = act(gate) * up                                  all: [n] (out may alias gate or up)
+// out = act(gate) * up                                  all: [n] (out may alias gate or up); SwigluOai clamps
+// first (model/config.h)
 cudaError_t tp_glu_cuda(float* out, const float* gate, const float* up, int64_t n, tp::Activation act,
                         cudaStream_t stream);
 // out = a + b                                           all: [n] (may alias)
@@ -49,6 +51,16 @@ cudaError_t tp_embed_cuda(float* out, const void* table, tp::GgmlType type, int6
 // Whether tp_embed_cuda can decode rows of `type`.
 bool tp_embed_cuda_supports(tp::GgmlType type);
 
+// Mixture of experts (moe.cu; the grouped expert matmul is tp_moe_matmul_cuda in matmul.cuh).
+// Per token the k largest of its n_expert logits, largest first, ties to the lower expert; weights = softmax
+// over those k logits.                                  logits: [n_tok, n_expert]; ids, weights: [n_tok * k]
+cudaError_t tp_router_topk_cuda(int32_t* ids, float* weights, const float* logits, int64_t n_tok, int64_t n_expert,
+                                int64_t k, cudaStream_t stream);
+// out[t] = Σ_j weights[t*k + j] · y[t*k + j], j in order, products rounded (no FMA): the CPU's bits.
+//                                                       y: [n_tok * k, dim]; out: [n_tok, dim]
+cudaError_t tp_moe_combine_cuda(float* out, const float* y, const float* weights, int64_t n_tok, int64_t k,
+                                int64_t dim, cudaStream_t stream);
+
 // k_cache[pos0 + i] = f16(k[i]), v_cache likewise (round to nearest even)   k, v: [n_tok, kv_dim] f32;
 // caches: [n_pos, kv_dim] f16.
 cudaError_t tp_kv_store_cuda(__half* k_cache, __half* v_cache, const float* k, const float* v, int64_t pos0,
@@ -60,12 +72,14 @@ enum class TpAttnKernel : int { Auto = 0, Mma = 1, Simple = 2 };
 
 // Causal attention with an online softmax, never materializing the score matrix. Query i (position pos0 + i)
 // of head h sees the keys j of KV head h / (n_head / n_head_kv) with j <= pos0 + i and, when n_swa > 0,
-// j > pos0 + i - n_swa. softmax(q·k * kq_scale) · v.
+// j > pos0 + i - n_swa. softmax(q·k * kq_scale) · v. sinks ([n_head] f32 or null): head h's denominator
+// gains e^(sinks[h] - m), m the row's max over its scores and the sink (gpt-oss; backend/ops.h).
 // q: [n_tok, n_head, head_dim] f32; caches: [>= pos0 + n_tok, n_head_kv * head_dim] f16;
 // out: [n_tok, n_head * head_dim] f32. head_dim <= 256.
 cudaError_t tp_attention_cuda(float* out, const float* q, const __half* k_cache, const __half* v_cache,
                               int64_t pos0, int64_t n_tok, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                              float kq_scale, int64_t n_swa, TpAttnKernel kernel, cudaStream_t stream);
+                              float kq_scale, int64_t n_swa, const float* sinks, TpAttnKernel kernel,
+                              cudaStream_t stream);
 constexpr int64_t kTpAttnMaxHeadDim = 256;
 
 // ---- device helpers shared by the kernels -------------------------------------------------------------

@@ -9,7 +9,8 @@
 //
 // F32/F16/BF16 weights are multiplied in f32 (elements converted exactly on load): a warp-per-row
 // matrix-vector kernel for n_tok <= 8, else a 64×64-tile kernel (BK = 32, 4×4 outputs per thread). Rows,
-// tokens and k need not be tile multiples: loads past an edge read zeros, stores are guarded.
+// tokens and k need not be tile multiples: loads past an edge read zeros, stores are guarded. Float experts
+// of a MoE layer (tp_moe_matmul_cuda) take a warp-per-(row, slot) kernel here too.
 #include <cuda_runtime.h>
 
 #include "backend/cuda/matmul.cuh"
@@ -137,11 +138,66 @@ cudaError_t launch_float(float* out, const void* w, int64_t rows, int64_t k, con
   return cudaGetLastError();
 }
 
-constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+// Grouped expert matmul, float weights: warp per (row, slot). Each slot re-reads its expert's row (the f32
+// experts of small test models only; real MoE checkpoints quantize their experts).
+template <class L>
+__global__ void __launch_bounds__(kMmvfWarps * 32)
+    moe_float_kernel(float* __restrict__ out, const void* __restrict__ w, int64_t n_expert, int64_t rows, int64_t k,
+                     const float* __restrict__ bias, const float* __restrict__ x, bool in_per_slot,
+                     const int32_t* __restrict__ ids, int64_t n_slots, int64_t k_used) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = int64_t(blockIdx.x) * kMmvfWarps + (threadIdx.x >> 5);
+  if (r >= rows) return;  // warp-uniform
+  for (int64_t i = blockIdx.y; i < n_slots; i += gridDim.y) {
+    const int64_t e = ids[i];
+    if (e < 0 || e >= n_expert) continue;  // outside the contract: leave the slot unwritten
+    const float* xr = x + (in_per_slot ? i : i / k_used) * k;
+    const int64_t wr = (e * rows + r) * k;
+    float acc = 0.0f;
+    for (int64_t kk = lane; kk < k; kk += 32) acc += L::at(w, wr + kk) * xr[kk];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) out[i * rows + r] = bias ? __fadd_rn(acc, bias[e * rows + r]) : acc;
+  }
+}
 
-bool is_float_type(GgmlType t) { return t == GgmlType::F32 || t == GgmlType::F16 || t == GgmlType::BF16; }
+template <class L>
+cudaError_t launch_moe_float(float* out, const void* w, int64_t n_expert, int64_t rows, int64_t k, const float* bias,
+                             const float* x, bool in_per_slot, const int32_t* ids, int64_t n_slots, int64_t k_used,
+                             cudaStream_t stream) {
+  const int64_t gx = (rows + kMmvfWarps - 1) / kMmvfWarps, gy = n_slots < 65535 ? n_slots : 65535;
+  if (gx > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  TP_LAUNCH(moe_float_kernel<L>, dim3(unsigned(gx), unsigned(gy)), kMmvfWarps * 32, 0, stream, out, w, n_expert, rows,
+            k, bias, x, in_per_slot, ids, n_slots, k_used);
+  return cudaGetLastError();
+}
 
 }  // namespace
+
+cudaError_t moe_float_launch(float* out, const void* w, GgmlType type, int64_t n_expert, int64_t rows, int64_t k,
+                             const float* bias, const float* x, bool in_per_slot, const int32_t* ids, int64_t n_slots,
+                             int64_t k_used, cudaStream_t stream) {
+  switch (type) {
+    case GgmlType::F32:
+      return launch_moe_float<LoadF32>(out, w, n_expert, rows, k, bias, x, in_per_slot, ids, n_slots, k_used, stream);
+    case GgmlType::F16:
+      return launch_moe_float<LoadF16>(out, w, n_expert, rows, k, bias, x, in_per_slot, ids, n_slots, k_used, stream);
+    case GgmlType::BF16:
+      return launch_moe_float<LoadBF16>(out, w, n_expert, rows, k, bias, x, in_per_slot, ids, n_slots, k_used, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t quantize_launch(int8_t* q, float2* ds, const float* x, int64_t n_rows, int64_t k, cudaStream_t stream) {
+  if (k % 32 != 0) return cudaErrorInvalidValue;
+  const int64_t n_groups = n_rows * (k / 32);
+  if (n_groups == 0) return cudaSuccess;
+  const int64_t grid = (n_groups + kQuantWarps - 1) / kQuantWarps;
+  if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  TP_LAUNCH(quantize_act_kernel, unsigned(grid), kQuantWarps * 32, 0, stream, q, ds, x, n_groups);
+  return cudaGetLastError();
+}
+
 }  // namespace cuda_mm
 }  // namespace tp
 
@@ -169,11 +225,7 @@ cudaError_t tp_matmul_cuda(float* out, const void* w, tp::GgmlType type, int64_t
     const int64_t row_bytes = k / kBlock * int64_t(sizeof(B));
     int8_t* q = static_cast<int8_t*>(scratch);
     float2* ds = reinterpret_cast<float2*>(static_cast<char*>(scratch) + align256(size_t(n_tok) * size_t(k)));
-    const int64_t n_groups = n_tok * (k / 32);
-    const int64_t grid = (n_groups + kQuantWarps - 1) / kQuantWarps;
-    if (grid > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    TP_LAUNCH(quantize_act_kernel, unsigned(grid), kQuantWarps * 32, 0, stream, q, ds, x, n_groups);
-    cudaError_t e = cudaGetLastError();
+    const cudaError_t e = quantize_launch(q, ds, x, n_tok, k, stream);
     if (e != cudaSuccess) return e;
     const QuantAct xa{q, ds};
     if (n_tok <= kMmvMaxTok) return mmvq_launch<B>(out, w, row_bytes, rows, k, xa, n_tok, stream);

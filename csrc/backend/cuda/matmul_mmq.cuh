@@ -1,6 +1,16 @@
-// matmul_mmq.cuh — the prefill (n_tok > 8) int8 matmul kernel, a template over the weight block type.
-// Included only by matmul_mmq_legacy.cu and matmul_mmq_kquant.cu, which instantiate it for their types
-// (split so the instantiations compile in parallel); the kernel is file-static in each.
+// matmul_mmq.cuh — the prefill (n_tok > 8) int8 matmul kernels, templates over the weight block type.
+// Included only by matmul_mmq_legacy.cu and matmul_mmq_kquant.cu, which instantiate them for their types
+// (split so the instantiations compile in parallel); the kernels are file-static in each.
+//
+// One tile body (mmq_tile) serves two kernels that differ only in which activation rows a CTA's 64
+// token columns are and where their outputs go, given as two small index arrays in shared memory:
+//   mmq_kernel       the dense matmul: column n is activation row tok0 + n and output row tok0 + n;
+//   mmq_moe_kernel   the grouped expert matmul (matmul_moe.cu): the CTA's tile-table entry names an expert
+//                    and a run of up to 64 slots of the expert-sorted slot list; column n is slot
+//                    s = order[begin + n], reading activation row s (per-slot input) or s / k (per-token
+//                    input) and writing output row s, plus the expert's bias row.
+// Each output element is the same sequence of operations in both, so a slot's row of the grouped matmul
+// equals the dense MMQ result for that activation row bit for bit.
 //
 // One CTA computes a 64-row × 64-token output tile with 4 warps (2×2, 32×32 each) and walks k in steps
 // of 256 elements = 8 groups of 32 (one K-quant super-block, eight legacy blocks):
@@ -34,7 +44,7 @@ namespace cuda_mm {
 namespace {
 
 constexpr int kMmqRows = 64;                 // weight rows per CTA
-constexpr int kMmqToks = 64;                 // tokens per CTA
+constexpr int kMmqToks = kMoeMmqTile;        // tokens per CTA
 constexpr int kMmqGroups = 8;                // 32-groups per k step (256 elements)
 constexpr int kMmqWords = kMmqGroups * 8;    // int32 words of int8 quants per row per k step
 constexpr int kMmqStride = kMmqWords + 4;    // padded row stride in words (bank-conflict free, 16B aligned)
@@ -69,10 +79,14 @@ __device__ __forceinline__ void mma_k16(int (&c)[4], int a0, int a1, int b0) {
 }
 #endif
 
+// One 64-row × 64-column output tile. w: the matrix's first row (rows of row_bytes); columns n < n_valid read
+// activation row src[n] and write out[dst[n] * rows + r] (+ bias[r] when bias is not null); src and dst are
+// shared memory, written before the call and followed by a __syncthreads.
 template <class B>
-__global__ void __launch_bounds__(kMmqThreads)
-    mmq_kernel(float* __restrict__ out, const uint8_t* __restrict__ w, int64_t row_bytes, int64_t rows, int64_t k,
-               const int8_t* __restrict__ xq, const float2* __restrict__ xds, int64_t n_tok) {
+__device__ __forceinline__ void mmq_tile(float* __restrict__ out, const uint8_t* __restrict__ w, int64_t row_bytes,
+                                         int64_t rows, int64_t k, const int8_t* __restrict__ xq,
+                                         const float2* __restrict__ xds, int64_t row0, int n_valid, const int* src,
+                                         const int* dst, const float* __restrict__ bias) {
   using U = Unpack<B>;
   __shared__ __align__(16) int ws[kMmqRows * kMmqStride];
   __shared__ __align__(16) int xs[kMmqToks * kMmqStride];
@@ -83,7 +97,6 @@ __global__ void __launch_bounds__(kMmqThreads)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int wr = (warp & 1) * 32, wt = (warp >> 1) * 32;  // this warp's 32×32 sub-tile
-  const int64_t row0 = int64_t(blockIdx.x) * kMmqRows, tok0 = int64_t(blockIdx.y) * kMmqToks;
   const int64_t n_groups = k / 32;
 
   float acc[2][4][4];  // [m16 sub-tile][n8 sub-tile][C fragment element]
@@ -121,13 +134,13 @@ __global__ void __launch_bounds__(kMmqThreads)
       const int n = i / (kMmqGroups * 2), c = i % (kMmqGroups * 2);
       if (c >= 2 * ng) continue;
       int4 v = make_int4(0, 0, 0, 0);
-      if (tok0 + n < n_tok) v = *reinterpret_cast<const int4*>(xq + (tok0 + n) * k + g0 * 32 + c * 16);
+      if (n < n_valid) v = *reinterpret_cast<const int4*>(xq + int64_t(src[n]) * k + g0 * 32 + c * 16);
       *reinterpret_cast<int4*>(xs + n * kMmqStride + c * 4) = v;
     }
     for (int i = tid; i < kMmqToks * kMmqGroups; i += kMmqThreads) {
       const int n = i / kMmqGroups, gi = i % kMmqGroups;
       if (gi >= ng) continue;
-      xd[i] = tok0 + n < n_tok ? xds[(tok0 + n) * n_groups + g0 + gi] : make_float2(0.0f, 0.0f);
+      xd[i] = n < n_valid ? xds[int64_t(src[n]) * n_groups + g0 + gi] : make_float2(0.0f, 0.0f);
     }
     __syncthreads();
 
@@ -209,10 +222,47 @@ __global__ void __launch_bounds__(kMmqThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int64_t r = row0 + wr + ms * 16 + g + 8 * (i >> 1);
-        const int64_t n = tok0 + wt + ns * 8 + 2 * t + (i & 1);
-        if (r < rows && n < n_tok) out[n * rows + r] = acc[ms][ns][i];
+        const int n = wt + ns * 8 + 2 * t + (i & 1);
+        if (r < rows && n < n_valid)
+          out[int64_t(dst[n]) * rows + r] = bias ? __fadd_rn(acc[ms][ns][i], bias[r]) : acc[ms][ns][i];
       }
 }
+
+// The dense matmul: CTA (x, y) computes rows 64x.. of tokens 64y...
+template <class B>
+__global__ void __launch_bounds__(kMmqThreads)
+    mmq_kernel(float* __restrict__ out, const uint8_t* __restrict__ w, int64_t row_bytes, int64_t rows, int64_t k,
+               const int8_t* __restrict__ xq, const float2* __restrict__ xds, int64_t n_tok) {
+  __shared__ int rows_of[kMmqToks];
+  const int64_t tok0 = int64_t(blockIdx.y) * kMmqToks;
+  const int n_valid = n_tok - tok0 < kMmqToks ? int(n_tok - tok0) : kMmqToks;
+  for (int i = threadIdx.x; i < kMmqToks; i += kMmqThreads) rows_of[i] = int(tok0) + i;
+  __syncthreads();
+  mmq_tile<B>(out, w, row_bytes, rows, k, xq, xds, int64_t(blockIdx.x) * kMmqRows, n_valid, rows_of, rows_of,
+              nullptr);
+}
+
+// The grouped expert matmul: CTA (x, y) computes rows 64x.. of expert tiles[y].expert for that entry's slots;
+// entries past the last used one (expert -1) exit at once (the host launches an upper bound, matmul_moe.cu).
+template <class B>
+__global__ void __launch_bounds__(kMmqThreads)
+    mmq_moe_kernel(float* __restrict__ out, const uint8_t* __restrict__ w, int64_t row_bytes, int64_t rows, int64_t k,
+                   const int8_t* __restrict__ xq, const float2* __restrict__ xds, MoeRoute route,
+                   const float* __restrict__ bias) {
+  __shared__ int src[kMmqToks], dst[kMmqToks];
+  const MoeTile tile = route.tiles[blockIdx.y];
+  if (tile.expert < 0) return;  // CTA-uniform, before any barrier
+  for (int i = threadIdx.x; i < tile.count; i += kMmqThreads) {
+    const int s = route.order[tile.begin + i];
+    src[i] = route.per_slot ? s : s / route.k;
+    dst[i] = s;
+  }
+  __syncthreads();
+  mmq_tile<B>(out, w + int64_t(tile.expert) * rows * row_bytes, row_bytes, rows, k, xq, xds,
+              int64_t(blockIdx.x) * kMmqRows, tile.count, src, dst,
+              bias ? bias + int64_t(tile.expert) * rows : nullptr);
+}
+
 
 }  // namespace
 
@@ -223,6 +273,17 @@ cudaError_t mmq_launch(float* out, const void* w, int64_t row_bytes, int64_t row
   if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidConfiguration;
   TP_LAUNCH(mmq_kernel<B>, dim3(unsigned(gx), unsigned(gy)), kMmqThreads, 0, stream, out,
             static_cast<const uint8_t*>(w), row_bytes, rows, k, x.q, x.ds, n_tok);
+  return cudaGetLastError();
+}
+
+template <class B>
+cudaError_t mmq_moe_launch(float* out, const void* w, int64_t row_bytes, int64_t rows, int64_t k, QuantAct x,
+                           MoeRoute route, int64_t max_tiles, const float* bias, cudaStream_t stream) {
+  const int64_t gx = (rows + kMmqRows - 1) / kMmqRows;
+  if (gx > 0x7fffffff || max_tiles > 65535) return cudaErrorInvalidConfiguration;
+  if (route.tile_size != kMmqToks) return cudaErrorInvalidValue;  // the tile table was cut for another kernel
+  TP_LAUNCH(mmq_moe_kernel<B>, dim3(unsigned(gx), unsigned(max_tiles)), kMmqThreads, 0, stream, out,
+            static_cast<const uint8_t*>(w), row_bytes, rows, k, x.q, x.ds, route, bias);
   return cudaGetLastError();
 }
 

@@ -43,6 +43,20 @@ struct Gpu {
     check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     return d;
   }
+  // A device copy of n int32 of host memory (complete when this returns).
+  int32_t* put_i32(const int32_t* host, int64_t n) {
+    int32_t* d = ops->alloc_i32(n);
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    check_cuda(cudaMemcpy(d, host, size_t(n) * sizeof(int32_t), cudaMemcpyHostToDevice), "cudaMemcpy");
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    return d;
+  }
+  // n int32 of device memory to the host, after everything enqueued (the Ops's to_host copies floats only).
+  void get_i32(int32_t* host, const int32_t* dev, int64_t n) {
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    check_cuda(cudaMemcpy(host, dev, size_t(n) * sizeof(int32_t), cudaMemcpyDeviceToHost), "cudaMemcpy");
+  }
   // n floats of NaN.
   float* nan_buffer(int64_t n) {
     float* d = ops->alloc(n);
@@ -78,6 +92,15 @@ tp::Tensor f32_vector(const char* name, const float* host, int64_t n) {
 
 extern "C" {
 
+TP_API tp_status tp_cuda_op_test_rope_yarn(int32_t device, float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim,
+                                           int64_t pos0, int32_t neox, int64_t n_rot, float base, float freq_scale,
+                                           const float* freq_factors, float ext_factor, float mscale, float corr_low,
+                                           float corr_high);
+TP_API tp_status tp_cuda_op_test_attention_sinks(int32_t device, int32_t kernel, float* out, const float* q,
+                                                 const float* k, const float* v, int64_t pos0, int64_t n_tok,
+                                                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float kq_scale,
+                                                 int64_t n_swa, const float* sinks, float* k_cache, float* v_cache);
+
 // out = rms_norm(in) * w                                  in/out: [rows, dim], w: [dim]
 TP_API tp_status tp_cuda_op_test_rms_norm(int32_t device, float* out, const float* in, const float* w, int64_t rows,
                                           int64_t dim, float eps) {
@@ -97,6 +120,15 @@ TP_API tp_status tp_cuda_op_test_rms_norm(int32_t device, float* out, const floa
 TP_API tp_status tp_cuda_op_test_rope(int32_t device, float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim,
                                       int64_t pos0, int32_t neox, int64_t n_rot, float base, float freq_scale,
                                       const float* freq_factors) {
+  return tp_cuda_op_test_rope_yarn(device, x, n_tok, n_heads, head_dim, pos0, neox, n_rot, base, freq_scale,
+                                   freq_factors, 0.0f, 1.0f, 0.0f, 0.0f);
+}
+
+// The same with YaRN (RopeParams::yarn; ext_factor 0 is plain RoPE).
+TP_API tp_status tp_cuda_op_test_rope_yarn(int32_t device, float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim,
+                                           int64_t pos0, int32_t neox, int64_t n_rot, float base, float freq_scale,
+                                           const float* freq_factors, float ext_factor, float mscale, float corr_low,
+                                           float corr_high) {
   TP_TEST_BEGIN
   require(x && n_tok > 0 && n_heads > 0 && head_dim > 0 && n_rot >= 0 && n_rot <= head_dim && n_rot % 2 == 0, "rope");
   Gpu g(device);
@@ -108,6 +140,10 @@ TP_API tp_status tp_cuda_op_test_rope(int32_t device, float* x, int64_t n_tok, i
   p.base = base;
   p.freq_scale = freq_scale;
   p.freq_factors = freq_factors;  // host memory: the Ops copies it to the GPU on first use
+  p.yarn.ext_factor = ext_factor;
+  p.yarn.mscale = mscale;
+  p.yarn.corr_low = corr_low;
+  p.yarn.corr_high = corr_high;
   g.ops->rope(d, n_tok, n_heads, head_dim, pos0, p);
   g.ops->to_host(x, d, n);
   TP_TEST_END
@@ -121,6 +157,15 @@ TP_API tp_status tp_cuda_op_test_attention(int32_t device, int32_t kernel, float
                                            const float* v, int64_t pos0, int64_t n_tok, int64_t n_head,
                                            int64_t n_head_kv, int64_t head_dim, float kq_scale, int64_t n_swa,
                                            float* k_cache, float* v_cache) {
+  return tp_cuda_op_test_attention_sinks(device, kernel, out, q, k, v, pos0, n_tok, n_head, n_head_kv, head_dim,
+                                         kq_scale, n_swa, nullptr, k_cache, v_cache);
+}
+
+// The same with AttnParams::sinks = `sinks` ([n_head] f32 host memory, uploaded as a weight) when not NULL.
+TP_API tp_status tp_cuda_op_test_attention_sinks(int32_t device, int32_t kernel, float* out, const float* q,
+                                                 const float* k, const float* v, int64_t pos0, int64_t n_tok,
+                                                 int64_t n_head, int64_t n_head_kv, int64_t head_dim, float kq_scale,
+                                                 int64_t n_swa, const float* sinks, float* k_cache, float* v_cache) {
   TP_TEST_BEGIN
   require(out && q && k && v && pos0 >= 0 && n_tok > 0 && n_head > 0 && n_head_kv > 0 && n_head % n_head_kv == 0 &&
               head_dim > 0 && n_swa >= 0 && kernel >= 0 && kernel <= 2,
@@ -141,22 +186,23 @@ TP_API tp_status tp_cuda_op_test_attention(int32_t device, int32_t kernel, float
   p.head_dim = head_dim;
   p.kq_scale = kq_scale;
   p.n_swa = n_swa;
+  if (sinks) p.sinks = f32_vector("test.attn_sinks", sinks, n_head);
   g.ops->attention(od, qd, 0, pos0, n_tok, p);
   g.ops->to_host(out, od, n_tok * n_head * head_dim);
   if (k_cache && v_cache) g.ops->kv_to_host(0, k_cache, v_cache, n_pos);
   TP_TEST_END
 }
 
-// out = act(gate) * up (gelu != 0: gelu-tanh, else silu)  all: [n]
+// out = act(gate) * up (act: tp::Activation, 0 silu, 1 gelu-tanh, 2 swiglu-oai)  all: [n]
 TP_API tp_status tp_cuda_op_test_glu(int32_t device, float* out, const float* gate, const float* up, int64_t n,
-                                     int32_t gelu) {
+                                     int32_t act) {
   TP_TEST_BEGIN
-  require(out && gate && up && n > 0, "glu");
+  require(out && gate && up && n > 0 && act >= 0 && act <= int32_t(tp::Activation::SwigluOai), "glu");
   Gpu g(device);
   const float* gd = g.put(gate, n);
   const float* ud = g.put(up, n);
   float* od = g.nan_buffer(n);
-  g.ops->glu(od, gd, ud, n, gelu ? tp::Activation::GeluTanh : tp::Activation::Silu);
+  g.ops->glu(od, gd, ud, n, tp::Activation(act));
   g.ops->to_host(out, od, n);
   TP_TEST_END
 }
@@ -197,6 +243,74 @@ TP_API tp_status tp_cuda_op_test_embed(int32_t device, float* out, int32_t type,
   float* od = g.nan_buffer(n * cols);
   g.ops->embed(od, t, tokens, n, scale);
   g.ops->to_host(out, od, n * cols);
+  TP_TEST_END
+}
+
+// ---- mixture of experts ----
+
+// ids, weights = router_topk(logits)                      logits: [n_tok, n_expert]; ids, weights: [n_tok * k]
+TP_API tp_status tp_cuda_op_test_router_topk(int32_t device, int32_t* ids, float* weights, const float* logits,
+                                             int64_t n_tok, int64_t n_expert, int64_t k) {
+  TP_TEST_BEGIN
+  require(ids && weights && logits && n_tok > 0 && k > 0 && k <= n_expert, "router_topk");
+  Gpu g(device);
+  const float* ld = g.put(logits, n_tok * n_expert);
+  float* wd = g.nan_buffer(n_tok * k);
+  int32_t* id = g.ops->alloc_i32(n_tok * k);  // allocations start as 0xff.. in the emulation: -1, an invalid id
+  g.ops->router_topk(id, wd, ld, n_tok, n_expert, k);
+  g.ops->to_host(weights, wd, n_tok * k);
+  g.get_i32(ids, id, n_tok * k);
+  TP_TEST_END
+}
+
+// out = moe_matmul(w, bias, in, ids) as the decoder calls it. w: n_expert stacked matrices of `rows` GGUF rows
+// of `cols` elements of `type` (a 3-D expert tensor); bias: [n_expert, rows] f32 or NULL; in: [n_tok * k, cols]
+// when in_per_slot else [n_tok, cols]; ids: [n_tok * k]; out: [n_tok * k, rows]. The Ops reserves no matmul
+// scratch for a ubatch here, so moe_matmul's own growth path runs.
+TP_API tp_status tp_cuda_op_test_moe_matmul(int32_t device, float* out, int32_t type, const void* w, int64_t n_expert,
+                                            int64_t rows, int64_t cols, const float* bias, const float* in,
+                                            int32_t in_per_slot, const int32_t* ids, int64_t n_tok, int64_t k) {
+  TP_TEST_BEGIN
+  const tp::TypeTraits tt = tp::type_traits(type);
+  require(out && w && in && ids && n_expert > 0 && rows > 0 && cols > 0 && n_tok > 0 && k > 0 && tt.block_elems > 0 &&
+              cols % tt.block_elems == 0,
+          "moe_matmul");
+  for (int64_t i = 0; i < n_tok * k; ++i)
+    require(ids[i] >= 0 && ids[i] < n_expert, "moe_matmul expert id out of range");
+  Gpu g(device);
+  tp::Tensor t;
+  t.name = "test.ffn_exps";
+  t.type = tp::GgmlType(type);
+  t.cols = cols;
+  t.rows = n_expert * rows;
+  t.mats = n_expert;
+  t.row_bytes = tp::row_bytes(tt, cols);
+  t.data = w;
+  tp::Tensor b;
+  if (bias) {
+    b = f32_vector("test.ffn_exps_b", bias, rows);
+    b.rows = n_expert;
+  }
+  const int64_t n_src = in_per_slot ? n_tok * k : n_tok;
+  const float* x = g.put(in, n_src * cols);
+  int32_t* id = g.put_i32(ids, n_tok * k);
+  float* y = g.nan_buffer(n_tok * k * rows);
+  g.ops->moe_matmul(y, t, b, x, in_per_slot != 0, id, n_tok, k);
+  g.ops->to_host(out, y, n_tok * k * rows);
+  TP_TEST_END
+}
+
+// out = moe_combine(y, weights)                           y: [n_tok * k, dim]; weights: [n_tok * k]; out: [n_tok, dim]
+TP_API tp_status tp_cuda_op_test_moe_combine(int32_t device, float* out, const float* y, const float* weights,
+                                             int64_t n_tok, int64_t k, int64_t dim) {
+  TP_TEST_BEGIN
+  require(out && y && weights && n_tok > 0 && k > 0 && dim > 0, "moe_combine");
+  Gpu g(device);
+  const float* yd = g.put(y, n_tok * k * dim);
+  const float* wd = g.put(weights, n_tok * k);
+  float* od = g.nan_buffer(n_tok * dim);
+  g.ops->moe_combine(od, yd, wd, n_tok, k, dim);
+  g.ops->to_host(out, od, n_tok * dim);
   TP_TEST_END
 }
 
