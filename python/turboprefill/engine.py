@@ -243,9 +243,14 @@ class Engine:
     def _auto_split(self, devices: str, threads, n_ctx, ubatch: int) -> list[int] | None:
         """Plan layer_split="auto" (split.py); None for one stage, which has nothing to split."""
         from .costmodel import DeviceCost, windows_of
-        from .split import auto_split, stage_entries
+        from .errors import TurboPrefillError
+        from .split import auto_split, device_kinds
 
-        if len(stage_entries(devices)) < 2:
+        try:
+            kinds = device_kinds(devices)
+        except TurboPrefillError:
+            return None  # GPUs named but unusable: the engine's own check says why, with what to do
+        if len(kinds) < 2:
             return None
         # A one-stage cpu engine over the same file tells dimensions and layer kinds (mmap only: cheap).
         with Engine(self.path, devices="cpu", threads=1, layer_split=None, n_ctx=n_ctx) as probe:
@@ -253,8 +258,10 @@ class Engine:
             windows = windows_of(probe.layer_swa, cfg["n_swa"])
             tok, pair = ffi.new("double *"), ffi.new("double *")
             check(lib.tp_engine_cost_defaults(probe._handle(), tok, pair))
+        if len(kinds) > cfg["n_layer"]:
+            return None  # more stages than layers: the engine refuses it with its own message
         flop = DeviceCost(tok=tok[0], pair=pair[0], head=2.0 * cfg["n_vocab"] * cfg["n_embd"])
-        self.split_plan = auto_split(self.path, devices, threads, cfg, windows, flop, ubatch)
+        self.split_plan = auto_split(self.path, devices, threads, cfg, windows, flop, ubatch, kinds)
         return self.split_plan["split"]
 
     # ---- lifecycle ---------------------------------------------------------------------------------

@@ -47,9 +47,17 @@ def _kind(entry: str) -> str:
     if entry.startswith("cuda"):
         from .engine import cuda_devices
 
-        idx = int(entry.split(":")[1]) if ":" in entry else 0
-        return "cuda:" + cuda_devices()["gpus"][idx]["name"].replace(" ", "_")
+        idx = entry.split(":")[1] if ":" in entry else "0"
+        gpus = cuda_devices()["gpus"]
+        if not idx.isdigit() or int(idx) >= len(gpus):
+            return entry  # not a visible GPU: the engine's own check reports it
+        return "cuda:" + gpus[int(idx)]["name"].replace(" ", "_")
     return "cpu"
+
+
+def device_kinds(devices: str) -> list[str]:
+    """Per stage, what its speed depends on besides threads: "cpu" or "cuda:<GPU name>"."""
+    return [_kind(e) for e in stage_entries(devices)]
 
 
 def even_split(n_layer: int, P: int) -> list[int]:
@@ -109,17 +117,16 @@ def measure_stage_costs(path: str, devices: str, threads: list[int], n_layer: in
 
 
 def auto_split(path: str, devices: str, threads: int | list[int] | None, cfg: dict, windows: list[int],
-               flop_cost: DeviceCost, ubatch: int) -> dict:
+               flop_cost: DeviceCost, ubatch: int, kinds: list[str] | None = None) -> dict:
     """The split plan: {"split", "basis", "costs", "predicted_stage_times", "unit", "tokens", "ubatch", ...}:
     the layers per stage, where the costs came from, and each stage's predicted time for a prompt of
     `tokens` (and the even split's, for comparison)."""
-    entries = stage_entries(devices)
-    P = len(entries)
+    kinds = kinds or device_kinds(devices)
+    P = len(kinds)
     if isinstance(threads, (list, tuple)):
         per = [int(t) for t in threads]
     else:
         per = [int(threads or 0) or max(1, (os.cpu_count() or 1) // P)] * P
-    kinds = [_kind(e) for e in entries]
     keys = [f"{_model_key(path)}:{k}:t{t}" for k, t in zip(kinds, per)]
     if len(set(keys)) == 1:
         costs, basis = [flop_cost] * P, "flop counts (identical stages)"
