@@ -165,7 +165,7 @@ tp_status tp_engine_create(const tp_engine_params* params, tp_engine** out) {
              TP_MAX_STAGES);
   for (int i = 0; i < params->n_stage_threads; ++i) p.stage_threads.push_back(params->stage_threads[i]);
   p.ubatch_min = params->ubatch_min;
-  p.ubatch_cost = {params->ubatch_cost_tok, params->ubatch_cost_pair};
+  p.ubatch_cost = {params->ubatch_cost_tok, params->ubatch_cost_pair, params->ubatch_cost_step};
   auto* e = new tp_engine;
   try {
     e->impl = std::make_unique<tp::Engine>(p);
@@ -284,18 +284,26 @@ tp_status tp_engine_cost_defaults(const tp_engine* engine, double* cost_tok, dou
   TP_GUARD_END
 }
 
-tp_status tp_plan_ubatches(const int8_t* layer_swa, int64_t n_layer, int64_t n_swa, double cost_tok,
-                           double cost_pair, int64_t n, int64_t pos0, int64_t umin, int64_t umax, int64_t* bounds,
-                           int64_t cap, int64_t* n_bounds) {
+tp_status tp_engine_cost_step_default(const tp_engine* engine, double* cost_step) {
   TP_GUARD_BEGIN
-  if (!n_bounds || n_layer < 1 || n < 1 || pos0 < 0 || n_swa < 0 || !(cost_tok > 0) || !(cost_pair >= 0))
+  if (!engine || !cost_step) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_cost_step_default: NULL argument");
+  *cost_step = tp::ubatch_cost_defaults(engine->impl->config()).step;
+  TP_GUARD_END
+}
+
+tp_status tp_plan_ubatches(const int8_t* layer_swa, int64_t n_layer, int64_t n_swa, double cost_tok,
+                           double cost_pair, double cost_step, int64_t n_stages, int64_t n, int64_t pos0,
+                           int64_t umin, int64_t umax, int64_t* bounds, int64_t cap, int64_t* n_bounds) {
+  TP_GUARD_BEGIN
+  if (!n_bounds || n_layer < 1 || n < 1 || pos0 < 0 || n_swa < 0 || !(cost_tok > 0) || !(cost_pair >= 0) ||
+      !(cost_step >= 0) || n_stages < 1)
     tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_plan_ubatches: bad arguments (n_layer %lld, n %lld, pos0 %lld)",
              (long long)n_layer, (long long)n, (long long)pos0);
   tp::ModelConfig c;
   c.n_layer = n_layer;
   c.n_swa = n_swa;
   for (int64_t i = 0; i < n_layer; ++i) c.layer_swa.push_back(layer_swa && layer_swa[i] != 0);
-  const std::vector<int64_t> b = tp::plan_ubatches(c, {cost_tok, cost_pair}, n, pos0, umin, umax);
+  const std::vector<int64_t> b = tp::plan_ubatches(c, {cost_tok, cost_pair, cost_step}, n, pos0, umin, umax, n_stages);
   *n_bounds = int64_t(b.size());
   for (int64_t i = 0; bounds && i < cap && i < int64_t(b.size()); ++i) bounds[i] = b[size_t(i)];
   TP_GUARD_END

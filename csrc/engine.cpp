@@ -143,7 +143,8 @@ Engine::Engine(const EngineParams& p) : params_(p) {
   if (p.ubatch_auto && (p.ubatch_min < 0 || p.ubatch_min > p.ubatch))
     fail(TP_ERR_INVALID_ARGUMENT, "ubatch_min must be in [1, ubatch_max=%lld] (got %lld)", (long long)p.ubatch,
          (long long)p.ubatch_min);
-  if (p.ubatch_cost.tok < 0 || p.ubatch_cost.pair < 0 || (p.ubatch_cost.tok == 0) != (p.ubatch_cost.pair == 0))
+  if (p.ubatch_cost.tok < 0 || p.ubatch_cost.pair < 0 || p.ubatch_cost.step < 0 ||
+      (p.ubatch_cost.tok == 0) != (p.ubatch_cost.pair == 0))
     fail(TP_ERR_INVALID_ARGUMENT, "ubatch cost coefficients must both be > 0 (or both 0 for the defaults); got "
          "%g per token, %g per pair", p.ubatch_cost.tok, p.ubatch_cost.pair);
   if (p.threads < 0) fail(TP_ERR_INVALID_ARGUMENT, "threads must be >= 0 (got %d)", p.threads);
@@ -276,7 +277,7 @@ void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* l
   if (params_.ubatch_auto) {
     const UbatchCost k = params_.ubatch_cost.tok > 0 ? params_.ubatch_cost : ubatch_cost_defaults(cfg_);
     const int64_t umin = params_.ubatch_min > 0 ? params_.ubatch_min : std::max<int64_t>(1, params_.ubatch / 8);
-    job.bounds = plan_ubatches(cfg_, k, n, n_past_, umin, params_.ubatch);
+    job.bounds = plan_ubatches(cfg_, k, n, n_past_, umin, params_.ubatch, int64_t(stages_.size()));
   }
   trace_.clear();
   for (auto& st : stages_) st->ops->take_router_stats();  // drop counts a failed prefill left behind

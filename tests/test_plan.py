@@ -96,3 +96,18 @@ def test_auto_ubatch_argument_errors(synthetic_model):
         Engine(path, ubatch=64, ubatch_max=128)
     with pytest.raises(ValueError, match="cost"):
         Engine(path, ubatch="auto", ubatch_cost=(1.0, 0.0))
+
+
+def test_ubatch_count_trades_fill_and_drain_against_step_cost():
+    """With a per-ubatch cost and P > 1 stages, M = sqrt((P-1)·C/step) (T(M) = C + (P-1)·C/M + M·step is
+    least there), clamped to [fewest within umax, n / umin]; one stage keeps the fewest ubatches."""
+    swa, tok, pair, n, umin, umax = [0] * 4, 1.0, 0.001, 4096, 16, 1024
+    total = sum(tok * n + pair * pair_count(0, n, 0) for _ in swa)
+    fewest = len(plan_ubatches(swa, 0, tok, pair, n, 0, umin, umax)) - 1
+    assert len(plan_ubatches(swa, 0, tok, pair, n, 0, umin, umax, step=50.0, n_stages=1)) - 1 == fewest
+    for P, step in [(2, 50.0), (4, 50.0), (2, 5.0)]:
+        b = plan_ubatches(swa, 0, tok, pair, n, 0, umin, umax, step=step, n_stages=P)
+        want = min(max(round(np.sqrt((P - 1) * total / (step * len(swa)))), fewest), n // umin)
+        assert len(b) - 1 == want, (P, step)
+    huge = plan_ubatches(swa, 0, tok, pair, n, 0, umin, umax, step=1e9, n_stages=4)
+    assert len(huge) - 1 == fewest  # a step dearer than any bubble: as few as umax allows

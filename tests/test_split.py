@@ -111,3 +111,44 @@ def test_per_stage_threads_errors(synthetic_model):
 
 def test_even_split_matches_the_engine():
     assert even_split(7, 2) == [4, 3] and even_split(12, 5) == [3, 3, 2, 2, 2]
+
+
+def test_info_shows_the_split_plan(synthetic_model, capsys, tmp_path, monkeypatch):
+    from turboprefill.cli import main
+
+    monkeypatch.setenv("TURBOPREFILL_CACHE", str(tmp_path / "cache"))
+    path = synthetic_model("gemma3")
+    assert main(["info", str(path), "--devices", "cpu:0,cpu:1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    want = Engine(path, devices="cpu:0,cpu:1", threads=1).config["layer_split"]
+    assert f"layer split on cpu:0,cpu:1: {want}" in out
+    assert "stage 1:" in out and "flop counts" in out and "even split" in out
+
+
+def test_auto_ubatch_uses_measured_costs_of_the_split(synthetic_model, tmp_path, monkeypatch):
+    """With measured stage costs (cached here with a strong attention term) ubatch="auto" cuts with them,
+    not with FLOP counts: the trace shows the planner's cut for the measured coefficients."""
+    from turboprefill.costmodel import _model_key, plan_ubatches
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TURBOPREFILL_CACHE", str(cache))
+    path = synthetic_model("llama", n_layer=12)
+    key = _model_key(str(path))
+    cache.mkdir()
+    cost = dict(tok=1e-4, pair=1e-5, head=0.0, embed=0.0, step=0.0)
+    (cache / "costs.json").write_text(json.dumps({f"{key}:cpu:t2": {"cost": cost}, f"{key}:cpu:t1": {"cost": cost}}))
+    eng = Engine(path, devices="cpu:0,cpu:1", threads=[2, 1], ubatch="auto", ubatch_min=4, ubatch_max=64)
+    res = eng.prefill(np.arange(300) % 300)
+    got = [0] + [int(x) for x in np.cumsum([e.n_tokens for e in sorted(
+        (e for e in res.trace.events if e.stage == 0), key=lambda e: e.ubatch)])]
+    assert got == plan_ubatches([0] * 12, 0, 1e-4, 1e-5, 300, 0, 4, 64)
+    assert got != plan_ubatches([0] * 12, 0, *eng_flop(path), 300, 0, 4, 64)
+
+
+def eng_flop(path):
+    from turboprefill._native import ffi, lib
+
+    e = Engine(path, threads=1)
+    tok, pair = ffi.new("double *"), ffi.new("double *")
+    lib.tp_engine_cost_defaults(e._handle(), tok, pair)
+    return tok[0], pair[0]

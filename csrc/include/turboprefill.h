@@ -80,6 +80,7 @@ typedef struct tp_engine_params {
   int32_t ubatch_min;        /* smallest ubatch when ubatch_auto; 0 = ubatch / 8 */
   double ubatch_cost_tok;    /* per-layer cost of one token (matmuls); 0 = FLOP-count default */
   double ubatch_cost_pair;   /* per-layer cost of one (query, key) attention pair; 0 = FLOP-count default */
+  double ubatch_cost_step;   /* per-layer fixed cost of one ubatch (used with the two above; 0 = none) */
   int32_t n_stage_threads;   /* entries in stage_threads; 0 = `threads` for every stage */
   int32_t stage_threads[TP_MAX_STAGES]; /* worker threads of each cpu stage, in stage order (each >= 1) */
 } tp_engine_params;
@@ -145,11 +146,14 @@ TP_API tp_status tp_engine_reset(tp_engine* engine);
 TP_API void tp_engine_cancel(tp_engine* engine);
 
 /* The equal-cost ubatch cut the engine uses with ubatch_auto (for the simulator and tests): n_layer layers,
- * layer_swa[i] != 0 for sliding-window layers of window n_swa, coefficients per layer (cost_tok, cost_pair
- * both > 0). Writes the M + 1 boundaries (0 .. n) to bounds (capacity cap) and M + 1 to *n_bounds. */
+ * layer_swa[i] != 0 for sliding-window layers of window n_swa, coefficients per layer (cost_tok > 0,
+ * cost_pair >= 0, cost_step >= 0), n_stages pipeline stages. Writes the M + 1 boundaries (0 .. n) to
+ * bounds (capacity cap) and M + 1 to *n_bounds. */
 TP_API tp_status tp_plan_ubatches(const int8_t* layer_swa, int64_t n_layer, int64_t n_swa, double cost_tok,
-                                  double cost_pair, int64_t n, int64_t pos0, int64_t umin, int64_t umax,
-                                  int64_t* bounds, int64_t cap, int64_t* n_bounds);
+                                  double cost_pair, double cost_step, int64_t n_stages, int64_t n, int64_t pos0,
+                                  int64_t umin, int64_t umax, int64_t* bounds, int64_t cap, int64_t* n_bounds);
+/* The FLOP-count per-ubatch step cost of one layer that goes with tp_engine_cost_defaults. */
+TP_API tp_status tp_engine_cost_step_default(const tp_engine* engine, double* cost_step);
 
 /* Per-layer attention kind: swa[i] = 1 when layer i uses the sliding window (cap entries written). */
 TP_API tp_status tp_engine_layer_swa(const tp_engine* engine, int8_t* swa, int64_t cap);

@@ -12,6 +12,9 @@ namespace {
 // Attention FLOPs cost this many matmul FLOPs on the CPU backend (f32 FMA vs int8 dot products); a
 // rough default, replaced by measured coefficients when Python's cost model has them.
 constexpr double kAttnFlopCost = 2.0;
+// A ubatch's fixed cost (thread hand-offs, a pass over each layer's weights, small-tile inefficiency) in
+// tokens of matmul: measured fits on the CPU backend put it at tens of tokens.
+constexpr double kStepTokens = 32.0;
 }  // namespace
 
 UbatchCost ubatch_cost_defaults(const ModelConfig& c) {
@@ -23,6 +26,7 @@ UbatchCost ubatch_cost_defaults(const ModelConfig& c) {
   UbatchCost k;
   k.tok = 2.0 * (qo + kv + ffn);
   k.pair = 4.0 * double(c.n_head * c.head_dim) * kAttnFlopCost;
+  k.step = kStepTokens * k.tok;
   return k;
 }
 
@@ -54,7 +58,7 @@ std::vector<int64_t> fixed_ubatches(int64_t n, int64_t u) {
 }
 
 std::vector<int64_t> plan_ubatches(const ModelConfig& c, const UbatchCost& k, int64_t n, int64_t pos0,
-                                   int64_t umin, int64_t umax) {
+                                   int64_t umin, int64_t umax, int64_t n_stages) {
   if (umin < 1 || umax < umin)
     fail(TP_ERR_INVALID_ARGUMENT, "ubatch_min (%lld) must be >= 1 and <= ubatch_max (%lld)", (long long)umin,
          (long long)umax);
@@ -74,6 +78,10 @@ std::vector<int64_t> plan_ubatches(const ModelConfig& c, const UbatchCost& k, in
   // equal-cost ubatch within umax; M rounds the count up and T spreads the total evenly over it.
   const double total = cum[size_t(n)];
   int64_t M = std::max<int64_t>(1, int64_t(std::ceil(total / cum[size_t(umax)] - 1e-9)));
+  if (n_stages > 1 && k.step > 0) {
+    const double best = std::sqrt(double(n_stages - 1) * total / (k.step * double(c.n_layer)));
+    M = std::max(M, int64_t(std::llround(best)));  // more, smaller ubatches: shorter fill and drain
+  }
   M = std::min(M, std::max<int64_t>(1, n / umin));
   M = std::max(M, (n + umax - 1) / umax);
   std::vector<int64_t> b(size_t(M) + 1);

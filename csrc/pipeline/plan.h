@@ -19,11 +19,13 @@ namespace tp {
 struct UbatchCost {
   double tok = 0;   // seconds (or any unit) per token per layer
   double pair = 0;  // same unit per (query, key) pair per layer
+  double step = 0;  // same unit per ubatch per layer (hand-offs, one pass over the weights); 0 = none
 };
 
 // FLOP-proportional coefficients: tok = 2 × weights a token multiplies (attention projections plus the
 // FFN, or the routed experts), pair = 4 × n_head × head_dim (QK and PV) × kAttnFlopCost, because the
-// attention runs in f32 while the matmuls use int8 dot products (about 2× the FLOP rate on AVX2/512).
+// attention runs in f32 while the matmuls use int8 dot products (about 2× the FLOP rate on AVX2/512),
+// step = kStepTokens × tok: a ubatch's fixed costs are worth about that many tokens of matmul.
 UbatchCost ubatch_cost_defaults(const ModelConfig& c);
 
 // Attention pairs of tokens at positions [p, p + t) in one layer with window w (0 = full causal).
@@ -34,11 +36,13 @@ double ubatch_cost(const ModelConfig& c, const UbatchCost& k, int64_t b, int64_t
                    int64_t layer_end);
 
 // Boundaries 0 = b_0 < b_1 < ... < b_M = n of ubatches of about equal cost for n tokens after pos0 tokens
-// already in the sequence: the fewest ubatches with none larger than umax (the first ubatch, the cheapest
-// per token, is about umax), each at least umin where the tokens allow it (late ubatches of a long prompt
-// would otherwise shrink below the size where the matmuls stay efficient). 1 <= umin <= umax.
+// already in the sequence, each at most umax and at least umin where the tokens allow it. The count M
+// trades the pipeline's fill and drain ((P - 1) steps of C / M, C = one stage's cost) against the fixed
+// cost of each step (M × step): T(M) ≈ C + (P - 1)·C/M + M·step is least at M* = sqrt((P - 1)·C / step),
+// clamped to [fewest ubatches within umax, n / umin]. With one stage, or step = 0, M is the fewest
+// within umax (the first ubatch, the cheapest per token, is then about umax). 1 <= umin <= umax.
 std::vector<int64_t> plan_ubatches(const ModelConfig& c, const UbatchCost& k, int64_t n, int64_t pos0,
-                                   int64_t umin, int64_t umax);
+                                   int64_t umin, int64_t umax, int64_t n_stages = 1);
 
 // Fixed ubatches of u tokens: 0, u, 2u, ..., n.
 std::vector<int64_t> fixed_ubatches(int64_t n, int64_t u);

@@ -49,7 +49,29 @@ def cmd_info(a) -> int:
     for t in d["tensors"]:
         types[t["type"]] = types.get(t["type"], 0) + 1
     print("  tensor types:", ", ".join(f"{k}×{v}" for k, v in sorted(types.items())))
+    if a.devices:
+        _print_split_plan(path, a)
     return 0
+
+
+def _print_split_plan(path, a) -> None:
+    """The layer split an Engine would use on these devices (layer_split="auto"), with its costs."""
+    from .engine import Engine
+
+    threads = [int(x) for x in a.threads.split(",")] if a.threads and "," in a.threads else (
+        int(a.threads) if a.threads else None)
+    with Engine(path, devices=a.devices, threads=threads, n_ctx=a.n_ctx) as eng:
+        plan = eng.config["split_plan"]
+        print(f"layer split on {a.devices}: {eng.config['layer_split']}")
+        if plan is None:
+            return
+        print(f"  planned for {plan['tokens']} tokens, ubatch {plan['ubatch']}, threads {plan['stage_threads']}; "
+              f"costs: {plan['basis']}")
+        for s, (c, t, te) in enumerate(zip(plan["costs"], plan["predicted_stage_times"],
+                                          plan["predicted_even_times"])):
+            print(f"  stage {s}: {plan['split'][s]} layers, predicted {t:.4g} {plan['unit']} "
+                  f"(even split {plan['even_split'][s]} layers: {te:.4g}); per layer: tok {c['tok']:.3g}, "
+                  f"pair {c['pair']:.3g}, step {c['step']:.3g}, head {c['head']:.3g}")
 
 
 def _model_summary(arch: str, md: dict, tensors: list) -> list[str]:
@@ -196,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
 
     pi = sub.add_parser("info", help="build, GPUs and a model's metadata")
     pi.add_argument("model", nargs="?", help="GGUF path or a PyPI model name (gemma3-270m, smollm2)")
+    pi.add_argument("--devices", default=None, help="also show the auto layer split on these devices")
+    pi.add_argument("--threads", default=None, help="threads per stage: N or N0,N1,...")
+    pi.add_argument("--n-ctx", type=int, default=None, help="context the split is planned for")
     pi.set_defaults(fn=cmd_info)
 
     def engine_args(q, devices="cpu", ubatch=512):

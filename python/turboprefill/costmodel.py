@@ -41,12 +41,14 @@ def pair_count(p: int, t: int, w: int = 0) -> float:
 
 
 def plan_ubatches(layer_swa: list[int], n_swa: int, tok: float, pair: float, n: int, pos0: int, umin: int,
-                  umax: int) -> list[int]:
-    """The engine's equal-cost ubatch boundaries [0, b_1, ..., n] (csrc/pipeline/plan.cpp)."""
+                  umax: int, step: float = 0.0, n_stages: int = 1) -> list[int]:
+    """The engine's equal-cost ubatch boundaries [0, b_1, ..., n] (csrc/pipeline/plan.cpp); step is the
+    per-layer fixed cost of a ubatch, which with n_stages > 1 sets how many ubatches are worth it."""
     swa = ffi.new("int8_t[]", [1 if x else 0 for x in layer_swa])
     cap = n + 1
     out, m = ffi.new("int64_t[]", cap), ffi.new("int64_t *")
-    check(lib.tp_plan_ubatches(swa, len(layer_swa), n_swa, tok, pair, n, pos0, umin, umax, out, cap, m))
+    check(lib.tp_plan_ubatches(swa, len(layer_swa), n_swa, tok, pair, step, n_stages, n, pos0, umin, umax, out,
+                               cap, m))
     return [int(out[i]) for i in range(m[0])]
 
 

@@ -160,8 +160,8 @@ class Engine:
             (attention over the prefix makes late tokens dearer), none larger than ubatch_max (default 512)
             nor smaller than ubatch_min (default ubatch_max // 8) where the prompt allows.
         ubatch_min, ubatch_max: bounds for ubatch="auto".
-        ubatch_cost: (per-token, per-attention-pair) cost of one layer for ubatch="auto"; None: measured
-            coefficients from the calibration cache when layer_split="auto" measured them, else FLOP counts.
+        ubatch_cost: (per-token, per-attention-pair[, per-ubatch]) cost of one layer for ubatch="auto"; None:
+            measured coefficients when layer_split="auto" measured them, else FLOP counts.
         schedule: "pipelined" or "sequential".
         n_ctx: context size (None: the model's training context).
         layer_split: layers per stage; "auto" (default): layers chosen so that the stages' predicted times
@@ -213,7 +213,10 @@ class Engine:
         p.ubatch_auto = 1 if auto_ub else 0
         p.ubatch_min = int(ubatch_min or 0)
         if ubatch_cost is not None:
-            p.ubatch_cost_tok, p.ubatch_cost_pair = (float(x) for x in ubatch_cost)
+            if len(ubatch_cost) not in (2, 3):
+                raise ValueError("ubatch_cost is (per_token, per_pair) or (per_token, per_pair, per_step), per layer")
+            p.ubatch_cost_tok, p.ubatch_cost_pair = float(ubatch_cost[0]), float(ubatch_cost[1])
+            p.ubatch_cost_step = float(ubatch_cost[2]) if len(ubatch_cost) == 3 else 0.0
         p.schedule = SCHEDULES[schedule]
         p.n_ctx = int(n_ctx or 0)
         self.split_plan = None
@@ -221,6 +224,14 @@ class Engine:
             if layer_split != "auto":
                 raise ValueError(f'layer_split must be a list of layer counts, "auto" or None, got {layer_split!r}')
             layer_split = self._auto_split(dev, threads, n_ctx, p.ubatch)
+            plan = self.split_plan
+            if auto_ub and ubatch_cost is None and plan and plan["unit"] == "seconds":
+                # Measured per-layer costs beat FLOP counts for the cut too (same cost model, DESIGN §8).
+                tok = float(np.mean([c["tok"] for c in plan["costs"]]))
+                pair = float(np.mean([c["pair"] for c in plan["costs"]]))
+                step = sum(c["step"] for c in plan["costs"]) / sum(plan["split"])  # per layer
+                if tok > 0 and pair > 0:
+                    p.ubatch_cost_tok, p.ubatch_cost_pair, p.ubatch_cost_step = tok, pair, step
         if layer_split is not None:
             split = [int(x) for x in layer_split]
             if len(split) > lib.TP_MAX_STAGES:

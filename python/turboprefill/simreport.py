@@ -33,7 +33,7 @@ def rfc_rows(n: int = 16384, ubatch: int = 512) -> list[dict]:
         costs, w = [c] * P, model.windows
         fixed = fixed_bounds(n, ubatch)
         split_auto = plan_split(costs, w, n=n, ubatch=ubatch)
-        auto = auto_bounds(c, w, n, ubatch // 4, ubatch)
+        auto = auto_bounds(c, w, n, ubatch // 4, ubatch, n_stages=P)
 
         def tps(split, bounds, schedule, staging=False, cost=costs):
             t, _ = simulate(cost, split, w, bounds, model.n_embd, schedule, prof.link, host_staging=staging)
@@ -97,14 +97,16 @@ def run(a) -> int:
     print(f"layer split: {split}")
     for n in a.ctx:
         for u in a.ubatch:
-            bounds = (auto_bounds(costs[0], windows, n, max(1, a.ubatch_max // 8), a.ubatch_max) if u == "auto"
+            bounds = (auto_bounds(costs[0], windows, n, max(1, a.ubatch_max // 8), a.ubatch_max, n_stages=P)
+                      if u == "auto"
                       else fixed_bounds(n, int(u)))
             t, trace = simulate(costs, split, windows, bounds, n_embd, a.schedule)
             line = f"ctx {n} ubatch {u}: predicted {t:.3f} s ({n / t:.0f} tok/s, {len(bounds) - 1} ubatches)"
             if a.measure:
                 eng = Engine(path, devices=a.devices, threads=threads, layer_split=split, schedule=a.schedule,
                              **({"ubatch": "auto", "ubatch_max": a.ubatch_max,
-                                 "ubatch_cost": (costs[0].tok, costs[0].pair)} if u == "auto" else {"ubatch": int(u)}))
+                                 "ubatch_cost": (costs[0].tok, costs[0].pair, costs[0].step * P / len(windows))}
+                                if u == "auto" else {"ubatch": int(u)}))
                 import numpy as np
 
                 toks = np.random.default_rng(0).integers(0, eng.config["n_vocab"], n).astype(np.int32)

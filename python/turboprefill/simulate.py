@@ -179,11 +179,14 @@ def fixed_bounds(n: int, u: int) -> list[int]:
     return list(range(0, n, u)) + [n]
 
 
-def auto_bounds(cost: DeviceCost, windows: list[int], n: int, umin: int, umax: int, pos0: int = 0) -> list[int]:
-    """The engine's equal-cost cut for these coefficients (same planner, through the C ABI)."""
+def auto_bounds(cost: DeviceCost, windows: list[int], n: int, umin: int, umax: int, pos0: int = 0,
+                n_stages: int = 1) -> list[int]:
+    """The engine's equal-cost cut for these coefficients (same planner, through the C ABI). A step's
+    fixed cost per layer: the weight streaming plus the stage's per-step cost spread over its layers."""
     n_swa = max(windows) if any(windows) else 0
+    step = cost.wread + cost.step * n_stages / len(windows)
     return plan_ubatches([1 if w else 0 for w in windows], n_swa, cost.tok, max(cost.pair, 1e-30), n, pos0, umin,
-                         umax)
+                         umax, step, n_stages)
 
 
 def ideal_seconds(costs: list[DeviceCost], split: list[int], windows: list[int], bounds: list[int]) -> float:
