@@ -100,14 +100,21 @@ def test_auto_ubatch_argument_errors(synthetic_model):
 
 def test_ubatch_count_trades_fill_and_drain_against_step_cost():
     """With a per-ubatch cost and P > 1 stages, M = sqrt((P-1)·C/step) (T(M) = C + (P-1)·C/M + M·step is
-    least there), clamped to [fewest within umax, n / umin]; one stage keeps the fewest ubatches."""
+    least there), clamped to [ceil(n / umax), n / umin]; one stage keeps the fewest equal-cost ubatches."""
     swa, tok, pair, n, umin, umax = [0] * 4, 1.0, 0.001, 4096, 16, 1024
     total = sum(tok * n + pair * pair_count(0, n, 0) for _ in swa)
     fewest = len(plan_ubatches(swa, 0, tok, pair, n, 0, umin, umax)) - 1
     assert len(plan_ubatches(swa, 0, tok, pair, n, 0, umin, umax, step=50.0, n_stages=1)) - 1 == fewest
     for P, step in [(2, 50.0), (4, 50.0), (2, 5.0)]:
         b = plan_ubatches(swa, 0, tok, pair, n, 0, umin, umax, step=step, n_stages=P)
-        want = min(max(round(np.sqrt((P - 1) * total / (step * len(swa)))), fewest), n // umin)
+        want = min(max(round(np.sqrt((P - 1) * total / (step * len(swa)))), -(-n // umax)), n // umin)
         assert len(b) - 1 == want, (P, step)
+        assert np.diff(b).max() <= umax
     huge = plan_ubatches(swa, 0, tok, pair, n, 0, umin, umax, step=1e9, n_stages=4)
-    assert len(huge) - 1 == fewest  # a step dearer than any bubble: as few as umax allows
+    assert list(np.diff(huge)) == [umax] * (n // umax)  # a step dearer than any bubble: as few as umax allows
+    # Fewer ubatches than an all-equal cut needs: the cheap early ones stop at umax, the rest cost the same.
+    b = plan_ubatches(swa, 0, tok, 0.01, n, 0, umin, 512, step=400.0, n_stages=2)  # M* = 15
+    sizes = np.diff(b)
+    assert sizes[0] == 512 and sizes[-1] < 512
+    late = [cost(x, y, tok, 0.01, swa, 0) for x, y in zip(b, b[1:]) if y - x < 512]
+    assert max(late) - min(late) <= 2 * (tok + 0.01 * n) * len(swa)

@@ -74,28 +74,46 @@ std::vector<int64_t> plan_ubatches(const ModelConfig& c, const UbatchCost& k, in
     const double keys = double(n_full) * double(q + 1) + double(n_swa) * double(std::min(q + 1, c.n_swa));
     cum[size_t(i) + 1] = cum[size_t(i)] + k.tok * double(c.n_layer) + k.pair * keys;
   }
-  // The first ubatch is the cheapest per token, so a target of "the first umax tokens' cost" keeps every
-  // equal-cost ubatch within umax; M rounds the count up and T spreads the total evenly over it.
+  // How many ubatches: at least what umax allows, at most what umin allows; in between, with several
+  // stages and a per-ubatch cost, the M that balances fill/drain against per-step cost (plan.h).
   const double total = cum[size_t(n)];
-  int64_t M = std::max<int64_t>(1, int64_t(std::ceil(total / cum[size_t(umax)] - 1e-9)));
-  if (n_stages > 1 && k.step > 0) {
-    const double best = std::sqrt(double(n_stages - 1) * total / (k.step * double(c.n_layer)));
-    M = std::max(M, int64_t(std::llround(best)));  // more, smaller ubatches: shorter fill and drain
+  const int64_t m_lo = (n + umax - 1) / umax, m_hi = std::max<int64_t>(m_lo, n / umin);
+  int64_t M = n_stages > 1 && k.step > 0
+                  ? int64_t(std::llround(std::sqrt(double(n_stages - 1) * total / (k.step * double(c.n_layer)))))
+                  : int64_t(std::ceil(total / cum[size_t(umax)] - 1e-9));  // all equal, the first about umax
+  M = std::clamp(M, m_lo, m_hi);
+
+  // The cut for a target cost T: from the start, each ubatch takes tokens until it costs T or holds umax
+  // (early tokens are cheap: those ubatches stop at umax; later ones all cost about T). The count falls as
+  // T grows, so a bisection finds the smallest T that needs at most M ubatches.
+  auto cut = [&](double T, std::vector<int64_t>* out) {
+    int64_t b = 0, m = 0;
+    if (out) out->assign(1, 0);
+    while (b < n) {
+      const int64_t cap = std::min(n, b + umax);
+      const double target = cum[size_t(b)] + T;
+      int64_t e = int64_t(std::lower_bound(cum.begin() + b + 1, cum.begin() + cap + 1, target) - cum.begin());
+      if (e > cap) {
+        e = cap;  // even umax tokens cost less than T
+      } else if (e > b + 1 && cum[size_t(e)] - target > target - cum[size_t(e) - 1]) {
+        --e;  // the nearer of the two boundaries around T
+      }
+      b = e;
+      ++m;
+      if (out) out->push_back(b);
+    }
+    return m;
+  };
+  double lo = 0, hi = total;
+  for (int i = 0; i < 100 && hi - lo > 1e-12 * total; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    (cut(mid, nullptr) <= M ? hi : lo) = mid;
   }
-  M = std::min(M, std::max<int64_t>(1, n / umin));
-  M = std::max(M, (n + umax - 1) / umax);
-  std::vector<int64_t> b(size_t(M) + 1);
-  b[0] = 0;
-  b[size_t(M)] = n;
-  for (int64_t m = 1; m < M; ++m) {
-    const double target = total * double(m) / double(M);
-    auto it = std::lower_bound(cum.begin(), cum.end(), target);
-    int64_t i = int64_t(it - cum.begin());
-    if (i > 0 && target - cum[size_t(i) - 1] < cum[size_t(i)] - target) --i;  // nearest boundary
-    b[size_t(m)] = i;
-  }
-  // Sizes: at least umin from the end (late ubatches shrink), at most umax from the start; the bounds on
-  // M above make both achievable, and every ubatch keeps >= 1 token.
+  std::vector<int64_t> b;
+  cut(hi, &b);
+  M = int64_t(b.size()) - 1;
+  // At least umin tokens per ubatch from the end (the greedy's last ubatch takes the remainder); the
+  // bounds on M keep this possible, and sizes stay within [1, umax].
   for (int64_t m = M - 1; m >= 1; --m) b[size_t(m)] = std::min(b[size_t(m)], b[size_t(m) + 1] - umin);
   for (int64_t m = 1; m < M; ++m)
     b[size_t(m)] = std::clamp(b[size_t(m)], b[size_t(m) - 1] + 1, b[size_t(m) - 1] + umax);

@@ -39,8 +39,9 @@ double ubatch_cost(const ModelConfig& c, const UbatchCost& k, int64_t b, int64_t
 // already in the sequence, each at most umax and at least umin where the tokens allow it. The count M
 // trades the pipeline's fill and drain ((P - 1) steps of C / M, C = one stage's cost) against the fixed
 // cost of each step (M × step): T(M) ≈ C + (P - 1)·C/M + M·step is least at M* = sqrt((P - 1)·C / step),
-// clamped to [fewest ubatches within umax, n / umin]. With one stage, or step = 0, M is the fewest
-// within umax (the first ubatch, the cheapest per token, is then about umax). 1 <= umin <= umax.
+// clamped to [ceil(n / umax), n / umin]. With one stage, or step = 0, M is the fewest that can all cost the
+// same within umax (the first ubatch, the cheapest per token, is then about umax). When M is smaller than
+// that, the early (cheap) ubatches stop at umax and the rest cost the same. 1 <= umin <= umax.
 std::vector<int64_t> plan_ubatches(const ModelConfig& c, const UbatchCost& k, int64_t n, int64_t pos0,
                                    int64_t umin, int64_t umax, int64_t n_stages = 1);
 
