@@ -4,8 +4,8 @@
 For each prompt length the two engines run alternately on the same prompt (best of --repeat), so the
 ratio between them is measured under the same machine load. Efficiency = measured speedup over running
 every step one at a time / the ideal M·P/(M+P−1) (the stats of Engine.prefill). The simulator, calibrated
-from a third configuration's trace at each length (even split, strongly cost-shaped ubatches: per-stage
-fit), predicts both engines at that length; its error is printed next to the measurement.
+from two other configurations' traces at each length (even split, ubatch/2 and 2·ubatch: per-stage fit),
+predicts both engines at that length; its error is printed next to the measurement.
 
 Example (the table in bench/README.md):
     python bench/auto_vs_even.py gemma3-270m --ctx 2048,8192 --ubatch 256 --repeat 3
@@ -36,48 +36,51 @@ def main() -> int:
     a = ap.parse_args()
     model = str(resolve_model(a.model))
     ctxs = [int(x) for x in a.ctx.split(",")]
-    n_ctx = max(ctxs)
-    engines = {
-        "even + fixed": Engine(model, devices=a.devices, threads=a.threads, layer_split=None, ubatch=a.ubatch,
-                               n_ctx=n_ctx),
-        "auto + auto": Engine(model, devices=a.devices, threads=a.threads, layer_split="auto", ubatch="auto",
-                              ubatch_max=a.ubatch, n_ctx=n_ctx),
-    }
-    # The simulator's calibration: even split, cost-shaped cut with a strong attention term, so ubatch sizes
-    # and positions vary and per-token, per-pair and per-step costs separate in the fit. Neither measured
-    # engine is this configuration, so both simulated rows are predictions.
-    cal = Engine(model, devices=a.devices, threads=a.threads, layer_split=None, ubatch="auto", ubatch_min=32,
-                 ubatch_max=a.ubatch, ubatch_cost=(1.0, 0.01), n_ctx=n_ctx)
-    ref = engines["even + fixed"]
-    windows = windows_of(ref.layer_swa, ref.config["n_swa"])
-    n_embd = ref.config["n_embd"]
-    splits = {k: e.config["layer_split"] for k, e in engines.items()}
+
+    def make(n: int) -> dict:
+        # Engines sized for the prompt (n_ctx = n), as a user would: the auto split is planned for a prompt
+        # filling n_ctx, so each length gets its own plan. "cal:*" are the simulator's calibration: even
+        # split at two other ubatch sizes, so per-token and per-step costs separate in the fit (positions
+        # vary within a run, which gives the per-pair cost). Neither measured engine is such a configuration:
+        # both simulated rows are predictions (tests/test_simulate.py calibrates the same way).
+        kw = dict(devices=a.devices, threads=a.threads, n_ctx=n)
+        return {
+            "even + fixed": Engine(model, layer_split=None, ubatch=a.ubatch, **kw),
+            "auto + auto": Engine(model, layer_split="auto", ubatch="auto", ubatch_max=a.ubatch, **kw),
+            "cal:small": Engine(model, layer_split=None, ubatch=max(8, a.ubatch // 2), **kw),
+            "cal:large": Engine(model, layer_split=None, ubatch=2 * a.ubatch, **kw),
+        }
+
     meta = machine_info()
     print(f"model {model}; devices {a.devices}, {a.threads} thread(s) per stage; machine {meta['cpu']} "
           f"({meta['cores']} cores), git {meta['git_sha']}, {meta['date']}")
     print(f"command: python {' '.join(sys.argv)}")
-    print("splits:", splits, "| auto plan basis:", engines["auto + auto"].config["split_plan"]["basis"])
-    toks = np.random.default_rng(0).integers(0, ref.config["n_vocab"], n_ctx).astype(np.int32)
-    for e in [*engines.values(), cal]:
-        e.prefill(toks[:64])
     rows = []
     for n in ctxs:
+        engines = make(n)
+        ref = engines["even + fixed"]
+        windows = windows_of(ref.layer_swa, ref.config["n_swa"])
+        n_embd = ref.config["n_embd"]
+        splits = {k: e.config["layer_split"] for k, e in engines.items()}
+        print(f"ctx {n}: auto split {splits['auto + auto']} ({engines['auto + auto'].config['split_plan']['basis']})")
+        toks = np.random.default_rng(0).integers(0, ref.config["n_vocab"], n).astype(np.int32)
+        for e in engines.values():
+            e.prefill(toks[:64])  # warm-up
         best = {}
         for _ in range(a.repeat):
-            for name, e in [*engines.items(), ("cal", cal)]:  # alternate: all see the same load
+            for name, e in engines.items():  # alternate: all see the same load
                 e.reset()
-                r = e.prefill(toks[:n])
+                r = e.prefill(toks)
                 if name not in best or r.stats["seconds"] < best[name].stats["seconds"]:
                     best[name] = r
-        # Calibrate the simulator from this length's calibration run (per-stage fit); it predicts both
-        # engines at the same length. Across lengths the CPU's per-pair cost is not constant (the KV
-        # cache leaves the caches), see bench/README.md.
+        # Calibrate the simulator from this length's calibration run (per-stage fit); across lengths the
+        # CPU's per-pair cost is not constant (the KV cache leaves the caches), see bench/README.md.
         split = splits["even + fixed"]
         ranges, b = [], 0
         for k in split:
             ranges.append((b, b + k))
             b += k
-        tr = trace_rows(best.pop("cal").trace, 0)
+        tr = trace_rows(best.pop("cal:small").trace, 0) + trace_rows(best.pop("cal:large").trace, 0)
         costs = [fit_trace([x for x in tr if x[0] == s], 0, ranges, windows) for s in range(len(split))]
         for name, r in best.items():
             ev = sorted((x for x in r.trace.events if x.stage == 0), key=lambda x: x.ubatch)

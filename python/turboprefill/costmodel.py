@@ -93,16 +93,18 @@ def fit_trace(events, pos0: int, layer_ranges: list[tuple[int, int]], windows: l
                      1.0 if (s == P - 1 and m == last_m) else 0.0])
         y.append(end - start)
     A, y = np.array(rows, dtype=np.float64), np.array(y)
-    # Columns on their own scale so that lstsq treats them alike; coefficients must be >= 0, so a negative
-    # one (noise on a term too small to see) is dropped and the rest refitted.
+    # Columns on their own scale so that lstsq treats them alike. Coefficients must be >= 0: the most
+    # negative one (a term the data cannot tell from another, e.g. per-token vs per-pair cost on layers
+    # whose window is full: pairs = window × tokens) is dropped and the rest refitted, so that the kept
+    # terms still explain the measured times (clipping instead would bias every prediction).
     keep = [0, 1, 2, 3]
-    for _ in range(4):
+    while True:
         sub = A[:, keep]
         scale = np.maximum(np.abs(sub).max(axis=0), 1e-30)
         x = np.linalg.lstsq(sub / scale, y, rcond=None)[0] / scale
         if (x >= 0).all() or len(keep) == 1:
             break
-        keep = [k for k, v in zip(keep, x) if v >= 0 or k == 0]
+        del keep[int(np.argmin(x))]
     coef = dict.fromkeys(range(4), 0.0)
     coef.update({k: max(0.0, float(v)) for k, v in zip(keep, x)})
     return DeviceCost(tok=coef[0], pair=coef[1], step=coef[2], head=coef[3])
