@@ -20,7 +20,7 @@ import numpy as np
 
 from turboprefill import Engine
 from turboprefill.bench import machine_info
-from turboprefill.costmodel import fit_trace, trace_rows, windows_of
+from turboprefill.costmodel import fit_handoff, fit_overhead, fit_trace, trace_rows, windows_of
 from turboprefill.models import resolve_model
 from turboprefill.simulate import simulate
 
@@ -80,12 +80,15 @@ def main() -> int:
         for k in split:
             ranges.append((b, b + k))
             b += k
-        tr = trace_rows(best.pop("cal:small").trace, 0) + trace_rows(best.pop("cal:large").trace, 0)
+        cal = [best.pop("cal:small"), best.pop("cal:large")]
+        tr = trace_rows(cal[0].trace, 0) + trace_rows(cal[1].trace, 0)
+        handoff = float(np.median([fit_handoff(r.trace) for r in cal]))
+        overhead = float(np.median([fit_overhead(r) for r in cal]))
         costs = [fit_trace([x for x in tr if x[0] == s], 0, ranges, windows) for s in range(len(split))]
         for name, r in best.items():
             ev = sorted((x for x in r.trace.events if x.stage == 0), key=lambda x: x.ubatch)
             bounds = [0] + list(np.cumsum([x.n_tokens for x in ev]))
-            pred, _ = simulate(costs, splits[name], windows, bounds, n_embd, "pipelined")
+            pred = simulate(costs, splits[name], windows, bounds, n_embd, "pipelined", handoff=handoff)[0] + overhead
             s = r.stats
             rows.append((n, name, splits[name], s["ubatches"], s["tokens_per_second"], s["ideal_speedup"],
                          s["efficiency"], pred, s["seconds"]))

@@ -110,6 +110,26 @@ def fit_trace(events, pos0: int, layer_ranges: list[tuple[int, int]], windows: l
     return DeviceCost(tok=coef[0], pair=coef[1], step=coef[2], head=coef[3])
 
 
+def fit_handoff(trace) -> float:
+    """Seconds from stage s finishing a ubatch to stage s+1 starting it, when s+1 was idle and waiting for
+    it (median over such hand-offs): the copy plus the consumer's wake-up, which step times do not contain.
+    0 without such hand-offs (one stage)."""
+    at = {(e.stage, e.ubatch): e for e in trace.events}
+    gaps = []
+    for (s, m), e in at.items():
+        nxt, prev = at.get((s + 1, m)), at.get((s + 1, m - 1))
+        if nxt is not None and (prev is None or prev.end < e.end):
+            gaps.append(max(0.0, nxt.start - e.end))
+    return float(np.median(gaps)) if gaps else 0.0
+
+
+def fit_overhead(result) -> float:
+    """Seconds of a prefill outside its steps (thread start and join, the KV reserve, the first hand-off's
+    wait on stage 0): wall seconds minus the time from 0 to the last step's end, plus the first start."""
+    ev = result.trace.events
+    return max(0.0, result.stats["seconds"] - max(e.end for e in ev) + min(e.start for e in ev))
+
+
 def trace_rows(trace, pos0: int) -> list[tuple]:
     """(stage, ubatch, n_tokens, start, end, position of the ubatch's first token) for fit_trace."""
     first = {}

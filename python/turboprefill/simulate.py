@@ -119,9 +119,10 @@ PROFILES = {
 
 def simulate(costs: list[DeviceCost], split: list[int], windows: list[int], bounds: list[int], n_embd: int,
              schedule: str = "pipelined", link: str = "memcpy", host_staging: bool = False, ring_slots: int = 2,
-             pos0: int = 0) -> tuple[float, Trace]:
+             pos0: int = 0, handoff: float = 0.0) -> tuple[float, Trace]:
     """Predicted (seconds, Trace) of one prefill. costs[s]: stage s's device; split: layers per stage;
-    bounds: ubatch boundaries (costmodel.plan_ubatches or range(0, n, U) + [n])."""
+    bounds: ubatch boundaries (costmodel.plan_ubatches or range(0, n, U) + [n]); handoff: extra seconds per
+    stage-to-stage hand-off (costmodel.fit_handoff: the consumer's wake-up, measured on cpu stages)."""
     P, M = len(split), len(bounds) - 1
     if len(costs) != P or sum(split) != len(windows):
         raise ValueError(f"{len(costs)} device costs and split {split} for {len(windows)} layers")
@@ -150,8 +151,9 @@ def simulate(costs: list[DeviceCost], split: list[int], windows: list[int], boun
             if s < P - 1:
                 slot = start[s + 1][m - ring_slots] if m >= ring_slots else 0.0
                 send = max(end[s][m], slot)
-                ready[s + 1][m] = send + link_seconds(link, t * n_embd * 4, host_staging)
-                free[s][m] = ready[s + 1][m]
+                copied = send + link_seconds(link, t * n_embd * 4, host_staging)
+                free[s][m] = copied  # the producer is done once its copy is; the consumer wakes up later
+                ready[s + 1][m] = copied + handoff
             else:
                 free[s][m] = end[s][m]
             events.append(TraceEvent(s, m, t, start[s][m], end[s][m]))
