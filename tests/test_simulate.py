@@ -20,7 +20,7 @@ import pytest
 
 from turboprefill import Engine
 from turboprefill.costmodel import DeviceCost, fit_handoff, fit_overhead, fit_trace, trace_rows
-from turboprefill.simulate import LINKS, ModelSpec, PROFILES, fit_efficiency, fixed_bounds, link_seconds, simulate
+from turboprefill.simulate import LINKS, PROFILES, ModelSpec, fit_efficiency, fixed_bounds, link_seconds, simulate
 
 TOLERANCE = 0.10  # the bound on |predicted / measured - 1|
 REPEATS = 7  # rounds; each keeps the fastest run (other jobs only ever slow a run down)

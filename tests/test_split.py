@@ -88,7 +88,9 @@ def test_measured_costs_are_cached_and_give_a_valid_split(synthetic_model, tmp_p
     eng = Engine(path, devices="cpu:0,cpu:1", threads=[2, 1])
     plan = eng.config["split_plan"]
     assert plan["basis"] == "measured" and sum(plan["split"]) == 6 and min(plan["split"]) >= 1
-    assert all(c["tok"] > 0 for c in plan["costs"])
+    # A fit may drop a term the calibration cannot separate, but every stage must cost something.
+    assert all(c["tok"] + c["pair"] + c["step"] > 0 for c in plan["costs"])
+    assert all(t > 0 for t in plan["predicted_stage_times"])
     table = json.loads((tmp_path / "cache" / "costs.json").read_text())
     assert len(table) == 2  # one entry per (model, device kind, threads)
     again = Engine(path, devices="cpu:0,cpu:1", threads=[2, 1])

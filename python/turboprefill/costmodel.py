@@ -10,8 +10,8 @@ A device runs one (stage, ubatch) step of tokens at positions [p, p + t) in
 pairs(p, t, w) = Σ_{q=p}^{p+t-1} min(q + 1, w) (query-key pairs; w = ∞ for full attention). tok is the
 per-token cost of one decoder layer (matmuls, norms, rope: linear in tokens), pair the attention's cost
 per pair, head the output norm + lm_head of the one row a prefill returns, step a fixed cost per step
-(thread hand-offs, launches), wread a layer's weight streaming per step (device profiles). The coefficients come from measured traces (fit_trace, calibrate) or from a
-device profile (simulate.PROFILES).
+(thread hand-offs, launches), wread a layer's weight streaming per step (device profiles). The
+coefficients come from measured traces (fit_trace, calibrate) or from a device profile (simulate.PROFILES).
 """
 
 from __future__ import annotations

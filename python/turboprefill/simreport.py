@@ -10,8 +10,7 @@ Two uses:
 from __future__ import annotations
 
 from .costmodel import calibrate, plan_split, windows_of
-from .simulate import (MODELS, PROFILES, auto_bounds, even, fit_efficiency, fixed_bounds, ideal_seconds,
-                       simulate)
+from .simulate import MODELS, PROFILES, auto_bounds, even, fit_efficiency, fixed_bounds, ideal_seconds, simulate
 
 # The measurements (tok/s, 16K prompt): stock llama.cpp layer split and the proof of concept.
 RFC_SETUPS = [
@@ -35,7 +34,7 @@ def rfc_rows(n: int = 16384, ubatch: int = 512) -> list[dict]:
         split_auto = plan_split(costs, w, n=n, ubatch=ubatch)
         auto = auto_bounds(c, w, n, ubatch // 4, ubatch, n_stages=P)
 
-        def tps(split, bounds, schedule, staging=False, cost=costs):
+        def tps(split, bounds, schedule, staging=False, cost=costs, w=w, model=model, prof=prof):
             t, _ = simulate(cost, split, w, bounds, model.n_embd, schedule, prof.link, host_staging=staging)
             return n / t
 

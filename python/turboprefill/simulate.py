@@ -30,8 +30,8 @@ LINKS = {
     "nvlink3090": (45.0, 5e-6),  # RTX 3090 NVLink bridge: 56 GB/s per direction raw
     "nvlink-a100": (240.0, 5e-6),
     "nvlink-h100": (360.0, 5e-6),
-    "memcpy": (8.0, 0.0),
-    "none": (float("inf"), 0.0),  # free hand-offs (tests of the schedule rules)  # cpu stages: the producer's memcpy into the next stage's slot
+    "memcpy": (8.0, 0.0),  # cpu stages: the producer's memcpy into the next stage's slot
+    "none": (float("inf"), 0.0),  # free hand-offs (tests of the schedule rules)
 }
 
 
