@@ -1,7 +1,7 @@
 """`turboprefill simulate`: the simulator (simulate.py) on this machine's measured costs or on device profiles.
 
 Two uses:
-- a GGUF model and cpu devices: calibrate the cost model on this machine (costmodel.calibrate), then
+- a GGUF model and cpu devices: calibrate the cost model on this machine (split.measure_stage_costs), then
   predict a prefill for the given ubatch/split/schedule, optionally next to a measured run of it;
 - `--rfc`: the issue's GPU setups (4×RTX 3090 Llama-3-70B, 8×RTX 5060 Ti GPT-OSS-120B, 16K prompts),
   each profile's one assumed efficiency fitted to the stock sequential measurement, the rest predicted.
@@ -9,7 +9,7 @@ Two uses:
 
 from __future__ import annotations
 
-from .costmodel import calibrate, plan_split, windows_of
+from .costmodel import plan_split, windows_of
 from .simulate import MODELS, PROFILES, auto_bounds, even, fit_efficiency, fixed_bounds, ideal_seconds, simulate
 
 # The issue's measurements (tok/s, 16K prompt): stock llama.cpp layer split and the proof of concept.
@@ -87,7 +87,11 @@ def run(a) -> int:
     with Engine(path, devices="cpu", threads=1, layer_split=None) as probe:
         windows = windows_of(probe.layer_swa, probe.config["n_swa"])
         n_embd = probe.config["n_embd"]
-    costs = [calibrate(path, "cpu", t) for t in threads]
+    # CPU stages share the machine (cores, caches, memory bandwidth), so they are measured running together,
+    # as a pipelined prefill on an even split at the longest length asked for, each stage fitted on its own.
+    from .split import measure_stage_costs
+
+    costs = measure_stage_costs(path, a.devices, threads, len(windows), repeats=a.repeat, n_tokens=max(a.ctx))
     for s, c in enumerate(costs):
         print(f"stage {s} ({threads[s]} threads): tok {c.tok * 1e6:.2f} µs/token/layer, pair "
               f"{c.pair * 1e9:.2f} ns/pair/layer, step {c.step * 1e3:.3f} ms, head {c.head * 1e3:.2f} ms")

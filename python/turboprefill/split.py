@@ -84,8 +84,8 @@ def _store_cache(entries: dict) -> None:
         pass  # read-only home: the plan holds, the next engine measures again
 
 
-def measure_stage_costs(path: str, devices: str, threads: list[int], n_layer: int, repeats: int = 2
-                        ) -> list[DeviceCost]:
+def measure_stage_costs(path: str, devices: str, threads: list[int], n_layer: int, repeats: int = 2,
+                        n_tokens: int = CAL_TOKENS) -> list[DeviceCost]:
     """Per-stage DeviceCost from a calibration prefill on an even split; each step's time is the best of
     `repeats`. Ubatch sizes vary (a cost-shaped cut) so that per-token and per-step costs separate."""
     from .engine import Engine
@@ -94,7 +94,7 @@ def measure_stage_costs(path: str, devices: str, threads: list[int], n_layer: in
     eng = Engine(path, devices=devices, threads=threads, layer_split=split, ubatch="auto", ubatch_min=16,
                  ubatch_max=96, ubatch_cost=(1.0, 0.02))
     windows = windows_of(eng.layer_swa, eng.config["n_swa"])
-    n = min(CAL_TOKENS, eng.config["n_ctx"])
+    n = min(n_tokens, eng.config["n_ctx"])
     toks = np.random.default_rng(0).integers(0, eng.config["n_vocab"], n).astype(np.int32)
     eng.prefill(toks[:32])  # warm-up: page faults, thread start
     best: dict[tuple[int, int], tuple] = {}
