@@ -88,7 +88,8 @@ def main() -> int:
         for name, r in best.items():
             ev = sorted((x for x in r.trace.events if x.stage == 0), key=lambda x: x.ubatch)
             bounds = [0] + list(np.cumsum([x.n_tokens for x in ev]))
-            pred = simulate(costs, splits[name], windows, bounds, n_embd, "pipelined", handoff=handoff)[0] + overhead
+            pred = simulate(costs, splits[name], windows, bounds, n_embd, "pipelined", handoff=handoff,
+                            draws=64)[0] + overhead
             s = r.stats
             rows.append((n, name, splits[name], s["ubatches"], s["tokens_per_second"], s["ideal_speedup"],
                          s["efficiency"], pred, s["seconds"]))

@@ -73,7 +73,7 @@ def test_simulator_predicts_measured_cpu_runs(tmp_path, stages):
         ev = sorted((e for e in res.trace.events if e.stage == 0), key=lambda e: e.ubatch)
         bounds = [0] + [int(x) for x in np.cumsum([e.n_tokens for e in ev])]
         assert bounds == (fixed_bounds(n, u) if u != "auto" else bounds)
-        predicted = simulate(costs, split, [0] * 4, bounds, 256, "pipelined", handoff=handoff)[0] + overhead
+        predicted = simulate(costs, split, [0] * 4, bounds, 256, "pipelined", handoff=handoff, draws=64)[0] + overhead
         measured = res.stats["seconds"]
         errors.append((n, u, measured, predicted, predicted / measured - 1))
     report = "\n".join(f"{stages} stage(s), n={n} ubatch={u}: measured {m:.3f} s, predicted {p:.3f} s "

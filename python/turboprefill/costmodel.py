@@ -63,6 +63,7 @@ class DeviceCost:
     step: float = 0.0  # per (stage, ubatch) step
     wread: float = 0.0  # per layer per step: streaming the layer's weights once per ubatch (device profiles;
     #                     on a measured cpu it is folded into step, which a fit cannot tell apart from it)
+    jitter: float = 0.0  # log-std of measured step times around the model (fit_trace); 0 = deterministic
 
     def layers_time(self, p: int, t: int, windows: list[int]) -> float:
         """Time of tokens [p, p + t) through layers with these windows (0 = full attention)."""
@@ -107,7 +108,11 @@ def fit_trace(events, pos0: int, layer_ranges: list[tuple[int, int]], windows: l
         del keep[int(np.argmin(x))]
     coef = dict.fromkeys(range(4), 0.0)
     coef.update({k: max(0.0, float(v)) for k, v in zip(keep, x)})
-    return DeviceCost(tok=coef[0], pair=coef[1], step=coef[2], head=coef[3])
+    fit = A @ np.array([coef[k] for k in range(4)])
+    # Relative spread of the measured steps around the fit: other jobs and cache effects make step times
+    # jitter, and in a pipeline that jitter makes stages wait on each other (simulate's `draws`).
+    jitter = float(np.std(np.log(np.maximum(y, 1e-12) / np.maximum(fit, 1e-12)))) if len(y) > 4 else 0.0
+    return DeviceCost(tok=coef[0], pair=coef[1], step=coef[2], head=coef[3], jitter=jitter)
 
 
 def fit_handoff(trace) -> float:

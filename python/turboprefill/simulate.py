@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .costmodel import DeviceCost, plan_ubatches
 from .engine import Trace, TraceEvent
 
@@ -119,10 +121,24 @@ PROFILES = {
 
 def simulate(costs: list[DeviceCost], split: list[int], windows: list[int], bounds: list[int], n_embd: int,
              schedule: str = "pipelined", link: str = "memcpy", host_staging: bool = False, ring_slots: int = 2,
-             pos0: int = 0, handoff: float = 0.0) -> tuple[float, Trace]:
+             pos0: int = 0, handoff: float = 0.0, draws: int = 1, seed: int = 0) -> tuple[float, Trace]:
     """Predicted (seconds, Trace) of one prefill. costs[s]: stage s's device; split: layers per stage;
     bounds: ubatch boundaries (costmodel.plan_ubatches or range(0, n, U) + [n]); handoff: extra seconds per
-    stage-to-stage hand-off (costmodel.fit_handoff: the consumer's wake-up, measured on cpu stages)."""
+    stage-to-stage hand-off (costmodel.fit_handoff: the consumer's wake-up, measured on cpu stages).
+    draws > 1 with costs that carry a jitter: each step's time is drawn around its cost (log-normal, mean
+    kept) and the totals of `draws` replays are averaged, because with jittering steps the stages wait on
+    each other and a pipeline takes longer than its mean step times say; the Trace is the last replay."""
+    if draws > 1 and any(c.jitter > 0 for c in costs):
+        rng = np.random.default_rng(seed)
+        runs = [_simulate(costs, split, windows, bounds, n_embd, schedule, link, host_staging, ring_slots, pos0,
+                          handoff, rng) for _ in range(draws)]
+        return float(np.mean([t for t, _ in runs])), runs[-1][1]
+    return _simulate(costs, split, windows, bounds, n_embd, schedule, link, host_staging, ring_slots, pos0,
+                     handoff, None)
+
+
+def _simulate(costs, split, windows, bounds, n_embd, schedule, link, host_staging, ring_slots, pos0, handoff,
+              rng) -> tuple[float, Trace]:
     P, M = len(split), len(bounds) - 1
     if len(costs) != P or sum(split) != len(windows):
         raise ValueError(f"{len(costs)} device costs and split {split} for {len(windows)} layers")
@@ -141,6 +157,9 @@ def simulate(costs: list[DeviceCost], split: list[int], windows: list[int], boun
         for s in range(P):
             lo, hi = starts[s]
             c = costs[s].step_time(p, t, windows[lo:hi], s == 0, s == P - 1 and m == M - 1)
+            if rng is not None and costs[s].jitter > 0:
+                j = costs[s].jitter
+                c *= float(np.exp(rng.normal(0.0, j) - j * j / 2))
             if schedule == "lockstep":
                 continue
             prev = free[s][m - 1] if m else 0.0
