@@ -159,6 +159,13 @@ tp_status tp_engine_create(const tp_engine_params* params, tp_engine** out) {
     tp::fail(TP_ERR_INVALID_ARGUMENT, "n_layer_split %d out of range [0, %d]", params->n_layer_split, TP_MAX_STAGES);
   for (int i = 0; i < params->n_layer_split; ++i) p.layer_split.push_back(params->layer_split[i]);
   p.ring_slots = params->ring_slots;
+  p.ubatch_auto = params->ubatch_auto != 0;
+  if (params->n_stage_threads < 0 || params->n_stage_threads > TP_MAX_STAGES)
+    tp::fail(TP_ERR_INVALID_ARGUMENT, "n_stage_threads %d out of range [0, %d]", params->n_stage_threads,
+             TP_MAX_STAGES);
+  for (int i = 0; i < params->n_stage_threads; ++i) p.stage_threads.push_back(params->stage_threads[i]);
+  p.ubatch_min = params->ubatch_min;
+  p.ubatch_cost = {params->ubatch_cost_tok, params->ubatch_cost_pair, params->ubatch_cost_step};
   auto* e = new tp_engine;
   try {
     e->impl = std::make_unique<tp::Engine>(p);
@@ -256,6 +263,63 @@ tp_status tp_engine_kv_digest(const tp_engine* engine, uint64_t* digest) {
   TP_GUARD_BEGIN
   if (!engine || !digest) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_kv_digest: NULL argument");
   *digest = engine->impl->kv_digest();
+  TP_GUARD_END
+}
+
+tp_status tp_engine_layer_swa(const tp_engine* engine, int8_t* swa, int64_t cap) {
+  TP_GUARD_BEGIN
+  if (!engine || !swa) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_layer_swa: NULL argument");
+  const tp::ModelConfig& c = engine->impl->config();
+  for (int64_t i = 0; i < cap && i < c.n_layer; ++i)
+    swa[i] = c.n_swa > 0 && i < int64_t(c.layer_swa.size()) && c.layer_swa[size_t(i)] ? 1 : 0;
+  TP_GUARD_END
+}
+
+tp_status tp_engine_cost_defaults(const tp_engine* engine, double* cost_tok, double* cost_pair) {
+  TP_GUARD_BEGIN
+  if (!engine || !cost_tok || !cost_pair) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_cost_defaults: NULL argument");
+  const tp::UbatchCost k = tp::ubatch_cost_defaults(engine->impl->config());
+  *cost_tok = k.tok;
+  *cost_pair = k.pair;
+  TP_GUARD_END
+}
+
+tp_status tp_engine_cost_step_default(const tp_engine* engine, double* cost_step) {
+  TP_GUARD_BEGIN
+  if (!engine || !cost_step) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_cost_step_default: NULL argument");
+  *cost_step = tp::ubatch_cost_defaults(engine->impl->config()).step;
+  TP_GUARD_END
+}
+
+tp_status tp_plan_ubatches(const int8_t* layer_swa, int64_t n_layer, int64_t n_swa, double cost_tok,
+                           double cost_pair, double cost_step, int64_t n_stages, int64_t n, int64_t pos0,
+                           int64_t umin, int64_t umax, int64_t* bounds, int64_t cap, int64_t* n_bounds) {
+  TP_GUARD_BEGIN
+  if (!n_bounds || n_layer < 1 || n < 1 || pos0 < 0 || n_swa < 0 || !(cost_tok > 0) || !(cost_pair >= 0) ||
+      !(cost_step >= 0) || n_stages < 1)
+    tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_plan_ubatches: bad arguments (n_layer %lld, n %lld, pos0 %lld)",
+             (long long)n_layer, (long long)n, (long long)pos0);
+  tp::ModelConfig c;
+  c.n_layer = n_layer;
+  c.n_swa = n_swa;
+  for (int64_t i = 0; i < n_layer; ++i) c.layer_swa.push_back(layer_swa && layer_swa[i] != 0);
+  const std::vector<int64_t> b = tp::plan_ubatches(c, {cost_tok, cost_pair, cost_step}, n, pos0, umin, umax, n_stages);
+  *n_bounds = int64_t(b.size());
+  for (int64_t i = 0; bounds && i < cap && i < int64_t(b.size()); ++i) bounds[i] = b[size_t(i)];
+  TP_GUARD_END
+}
+
+tp_status tp_engine_save_state(tp_engine* engine, const char* path) {
+  TP_GUARD_BEGIN
+  if (!engine || !path) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_save_state: NULL argument");
+  engine->impl->save_state(path);
+  TP_GUARD_END
+}
+
+tp_status tp_engine_load_state(tp_engine* engine, const char* path) {
+  TP_GUARD_BEGIN
+  if (!engine || !path) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_load_state: NULL argument");
+  engine->impl->load_state(path);
   TP_GUARD_END
 }
 

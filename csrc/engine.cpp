@@ -140,6 +140,13 @@ Engine::Engine(const EngineParams& p) : params_(p) {
   for (const std::string& d : p.devices)
     if (is_cuda_entry(d)) check_cuda_entry(d);
   if (p.ubatch < 1) fail(TP_ERR_INVALID_ARGUMENT, "ubatch must be >= 1 (got %lld)", (long long)p.ubatch);
+  if (p.ubatch_auto && (p.ubatch_min < 0 || p.ubatch_min > p.ubatch))
+    fail(TP_ERR_INVALID_ARGUMENT, "ubatch_min must be in [1, ubatch_max=%lld] (got %lld)", (long long)p.ubatch,
+         (long long)p.ubatch_min);
+  if (p.ubatch_cost.tok < 0 || p.ubatch_cost.pair < 0 || p.ubatch_cost.step < 0 ||
+      (p.ubatch_cost.tok == 0) != (p.ubatch_cost.pair == 0))
+    fail(TP_ERR_INVALID_ARGUMENT, "ubatch cost coefficients must both be > 0 (or both 0 for the defaults); got "
+         "%g per token, %g per pair", p.ubatch_cost.tok, p.ubatch_cost.pair);
   if (p.threads < 0) fail(TP_ERR_INVALID_ARGUMENT, "threads must be >= 0 (got %d)", p.threads);
   if (p.ring_slots < 0) fail(TP_ERR_INVALID_ARGUMENT, "ring_slots must be >= 0 (got %d)", p.ring_slots);
   if (p.n_ctx < 0) fail(TP_ERR_INVALID_ARGUMENT, "n_ctx must be >= 0 (got %lld)", (long long)p.n_ctx);
@@ -180,6 +187,11 @@ void Engine::place_stages(const EngineParams& p) {
     const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
     threads = std::max(1, hw / int(P));
   }
+  if (!p.stage_threads.empty() && int64_t(p.stage_threads.size()) != P)
+    fail(TP_ERR_INVALID_ARGUMENT, "threads has %d entries but there are %lld stages; give one per stage or one "
+         "number for all", int(p.stage_threads.size()), (long long)P);
+  for (int t : p.stage_threads)
+    if (t < 1) fail(TP_ERR_INVALID_ARGUMENT, "per-stage threads must be >= 1 (got %d)", t);
   const int64_t U = p.ubatch;
   int64_t layer = 0;
   try {
@@ -196,7 +208,7 @@ void Engine::place_stages(const EngineParams& p) {
           st->ops = make_cuda_ops(std::stoi(st->device.substr(5)), U);
         else
 #endif
-          st->ops = make_cpu_ops(threads);
+          st->ops = make_cpu_ops(p.stage_threads.empty() ? threads : p.stage_threads[size_t(s)]);
         upload_stage_weights(*st->ops, w_, st->layer_begin, st->layer_end, s == 0, s == P - 1);
         st->scratch = LayerScratch::make(*st->ops, cfg_, U);
         st->x = st->ops->alloc(U * cfg_.n_embd);
@@ -263,6 +275,11 @@ void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* l
   job.all_logits = all_logits;
   job.logits = logits;
   job.schedule = params_.schedule;
+  if (params_.ubatch_auto) {
+    const UbatchCost k = params_.ubatch_cost.tok > 0 ? params_.ubatch_cost : ubatch_cost_defaults(cfg_);
+    const int64_t umin = params_.ubatch_min > 0 ? params_.ubatch_min : std::max<int64_t>(1, params_.ubatch / 8);
+    job.bounds = plan_ubatches(cfg_, k, n, n_past_, umin, params_.ubatch, int64_t(stages_.size()));
+  }
   trace_.clear();
   for (auto& st : stages_) st->ops->take_router_stats();  // drop counts a failed prefill left behind
   const double t0 = now_seconds();

@@ -16,6 +16,7 @@
 #include "model/config.h"
 #include "model/decoder.h"
 #include "model/weights.h"
+#include "pipeline/plan.h"
 #include "pipeline/scheduler.h"
 #include "pipeline/stage.h"
 
@@ -25,7 +26,11 @@ struct EngineParams {
   std::string model_path;
   std::vector<std::string> devices{"cpu:0"};  // one stage per entry
   int threads = 0;                            // per stage; 0 = cores / stages
-  int64_t ubatch = 512;
+  std::vector<int> stage_threads;             // per-stage thread counts (overrides threads); empty = threads
+  int64_t ubatch = 512;                       // fixed ubatch size, or the largest one when ubatch_auto
+  bool ubatch_auto = false;                   // cut each prompt into equal-cost ubatches (pipeline/plan.h)
+  int64_t ubatch_min = 0;                     // ubatch_auto: smallest ubatch; 0 = ubatch / 8
+  UbatchCost ubatch_cost;                     // ubatch_auto: per-layer coefficients; 0 = FLOP defaults
   Schedule schedule = Schedule::Pipelined;
   int64_t n_ctx = 0;                          // 0 = model's training context
   std::vector<int64_t> layer_split;           // layers per stage; empty = even
@@ -50,6 +55,10 @@ class Engine {
   void inject_fault(int64_t layer) {
     for (auto& st : stages_) st->fail_at_layer = layer;
   }
+  // Prefix cache (state.cpp): writes the sequence's KV cache of every stage plus the model's identity;
+  // load_state replaces the sequence with a saved one after checking model, layer split and KV type.
+  void save_state(const std::string& path);
+  void load_state(const std::string& path);
   // FNV-1a hash of every stage's KV cache over the positions in the sequence (for schedule tests).
   uint64_t kv_digest() const;
 

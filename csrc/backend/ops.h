@@ -122,6 +122,9 @@ class Ops {
   }
   // Copy of the KV cache of stage-local `layer`, positions [0, n_pos), to host memory ([n_pos, kv_dim] each).
   virtual void kv_to_host(int layer, float* k, float* v, int64_t n_pos) = 0;
+  // The inverse (a loaded prefix cache): positions [0, n_pos) of stage-local `layer` from host f32
+  // ([n_pos, kv_dim] each), stored with the same rounding as kv_store. kv_reserve(.., n_pos) first.
+  virtual void kv_from_host(int layer, const float* k, const float* v, int64_t n_pos) = 0;
 };
 
 // CPU backend with its own pool of n_threads worker threads.

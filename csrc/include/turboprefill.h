@@ -74,6 +74,15 @@ typedef struct tp_engine_params {
   int32_t n_layer_split;  /* number of entries in layer_split; 0 = even split */
   int32_t layer_split[TP_MAX_STAGES]; /* layers per stage, in stage order */
   int32_t ring_slots;     /* activation slots between consecutive stages; 0 = default */
+  /* Cost-shaped ubatches: with ubatch_auto != 0 each prompt is cut into ubatches of about equal predicted
+   * cost (attention over the prefix makes late tokens dearer), `ubatch` being the largest ubatch. */
+  int32_t ubatch_auto;
+  int32_t ubatch_min;        /* smallest ubatch when ubatch_auto; 0 = ubatch / 8 */
+  double ubatch_cost_tok;    /* per-layer cost of one token (matmuls); 0 = FLOP-count default */
+  double ubatch_cost_pair;   /* per-layer cost of one (query, key) attention pair; 0 = FLOP-count default */
+  double ubatch_cost_step;   /* per-layer fixed cost of one ubatch (used with the two above; 0 = none) */
+  int32_t n_stage_threads;   /* entries in stage_threads; 0 = `threads` for every stage */
+  int32_t stage_threads[TP_MAX_STAGES]; /* worker threads of each cpu stage, in stage order (each >= 1) */
 } tp_engine_params;
 
 typedef struct tp_model_info {
@@ -135,6 +144,31 @@ TP_API tp_status tp_engine_prefill(tp_engine* engine, const int32_t* tokens, int
 TP_API tp_status tp_engine_reset(tp_engine* engine);
 /* Ask a running prefill to stop (any thread); it returns TP_ERR_CANCELLED and the sequence is reset. */
 TP_API void tp_engine_cancel(tp_engine* engine);
+
+/* The equal-cost ubatch cut the engine uses with ubatch_auto (for the simulator and tests): n_layer layers,
+ * layer_swa[i] != 0 for sliding-window layers of window n_swa, coefficients per layer (cost_tok > 0,
+ * cost_pair >= 0, cost_step >= 0), n_stages pipeline stages. Writes the M + 1 boundaries (0 .. n) to
+ * bounds (capacity cap) and M + 1 to *n_bounds. */
+TP_API tp_status tp_plan_ubatches(const int8_t* layer_swa, int64_t n_layer, int64_t n_swa, double cost_tok,
+                                  double cost_pair, double cost_step, int64_t n_stages, int64_t n, int64_t pos0,
+                                  int64_t umin, int64_t umax, int64_t* bounds, int64_t cap, int64_t* n_bounds);
+/* The FLOP-count per-ubatch step cost of one layer that goes with tp_engine_cost_defaults. */
+TP_API tp_status tp_engine_cost_step_default(const tp_engine* engine, double* cost_step);
+
+/* Per-layer attention kind: swa[i] = 1 when layer i uses the sliding window (cap entries written). */
+TP_API tp_status tp_engine_layer_swa(const tp_engine* engine, int8_t* swa, int64_t cap);
+
+/* The FLOP-count cost coefficients of one decoder layer that ubatch_auto uses when none are given (the ratio
+ * is what matters: attention FLOPs are weighted as dearer than int8 matmul FLOPs; see pipeline/plan.h). */
+TP_API tp_status tp_engine_cost_defaults(const tp_engine* engine, double* cost_tok, double* cost_pair);
+
+/* Prefix cache. save_state writes the sequence's KV cache (every stage, positions 0..n_past) and the model's
+ * identity (file size, hash of the GGUF header/metadata/tensor table, n_layer, kv_dim, layer split, n_past,
+ * KV element type) to `path`. load_state replaces the engine's sequence with a saved one, so the next
+ * prefill continues after its tokens; a state of another model or layer split, or a corrupt or truncated
+ * file, is an error (TP_ERR_INVALID_ARGUMENT / TP_ERR_FORMAT) that leaves the sequence as it was. */
+TP_API tp_status tp_engine_save_state(tp_engine* engine, const char* path);
+TP_API tp_status tp_engine_load_state(tp_engine* engine, const char* path);
 
 /* FNV-1a digest of the KV cache contents of every stage over the tokens in the sequence (tests compare
  * schedules with it). */

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "common.h"
+#include "pipeline/plan.h"
 
 namespace tp {
 
@@ -85,7 +86,7 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
   const int P = int(stages_.size());
   const bool first = s == 0, last = s == P - 1;
   const bool sequential = job.schedule == Schedule::Sequential && P > 1;
-  const int64_t M = (job.n + ubatch_ - 1) / ubatch_;
+  const int64_t M = int64_t(job.bounds.size()) - 1;
   const int64_t E = cfg_.n_embd;
   SpscRing* in = first ? nullptr : rings_[size_t(s)].get();
   SpscRing* out = last ? nullptr : rings_[size_t(s + 1)].get();
@@ -96,7 +97,7 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
   const double origin = now_seconds() - t0;
 
   for (int64_t m = 0; m < M; ++m) {
-    const int64_t b = m * ubatch_, nt = std::min(ubatch_, job.n - b);
+    const int64_t b = job.bounds[size_t(m)], nt = job.bounds[size_t(m) + 1] - b;
     const bool last_ub = m == M - 1;
 
     // Sequential schedule: wait until the previous ubatch has left the last stage.
@@ -159,7 +160,15 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
   }
 }
 
-std::vector<TraceEvent> Pipeline::run(const PrefillJob& job) {
+std::vector<TraceEvent> Pipeline::run(const PrefillJob& job_in) {
+  PrefillJob job = job_in;
+  if (job.bounds.empty()) job.bounds = fixed_ubatches(job.n, ubatch_);
+  if (job.bounds.size() < 2 || job.bounds.front() != 0 || job.bounds.back() != job.n)
+    fail(TP_ERR_INTERNAL, "ubatch plan does not cover the %lld tokens", (long long)job.n);
+  for (size_t m = 0; m + 1 < job.bounds.size(); ++m)
+    if (job.bounds[m + 1] <= job.bounds[m] || job.bounds[m + 1] - job.bounds[m] > ubatch_)
+      fail(TP_ERR_INTERNAL, "ubatch %d of the plan has %lld tokens; buffers hold 1..%lld", int(m),
+           (long long)(job.bounds[m + 1] - job.bounds[m]), (long long)ubatch_);
   stop_.store(false);
   cancelled_.store(false);
   for (auto& r : rings_)

@@ -33,11 +33,15 @@ struct PrefillJob {
   bool all_logits = false;
   float* logits = nullptr;    // host: [n_vocab] or [n, n_vocab]; may be null
   Schedule schedule = Schedule::Pipelined;
+  // Ubatch m is tokens [bounds[m], bounds[m+1]); bounds[0] = 0, bounds.back() = n, no ubatch larger than
+  // the Pipeline's ubatch capacity. Empty: fixed ubatches of that capacity.
+  std::vector<int64_t> bounds;
 };
 
 class Pipeline {
  public:
   // Allocates ring slots (on each receiving stage) and their events. Stages must outlive the Pipeline.
+  // `ubatch` is the largest ubatch any job will carry (slots are sized for it).
   Pipeline(std::vector<std::unique_ptr<Stage>>& stages, const ModelConfig& c, const ModelWeights& w,
            int64_t ubatch, int ring_slots);
   ~Pipeline();

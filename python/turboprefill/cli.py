@@ -1,4 +1,4 @@
-"""The `turboprefill` command: info, prefill, bench, selftest."""
+"""The `turboprefill` command: info, prefill, bench, simulate, selftest."""
 
 from __future__ import annotations
 
@@ -49,7 +49,29 @@ def cmd_info(a) -> int:
     for t in d["tensors"]:
         types[t["type"]] = types.get(t["type"], 0) + 1
     print("  tensor types:", ", ".join(f"{k}×{v}" for k, v in sorted(types.items())))
+    if a.devices:
+        _print_split_plan(path, a)
     return 0
+
+
+def _print_split_plan(path, a) -> None:
+    """The layer split an Engine would use on these devices (layer_split="auto"), with its costs."""
+    from .engine import Engine
+
+    threads = [int(x) for x in a.threads.split(",")] if a.threads and "," in a.threads else (
+        int(a.threads) if a.threads else None)
+    with Engine(path, devices=a.devices, threads=threads, n_ctx=a.n_ctx) as eng:
+        plan = eng.config["split_plan"]
+        print(f"layer split on {a.devices}: {eng.config['layer_split']}")
+        if plan is None:
+            return
+        print(f"  planned for {plan['tokens']} tokens, ubatch {plan['ubatch']}, threads {plan['stage_threads']}; "
+              f"costs: {plan['basis']}")
+        for s, (c, t, te) in enumerate(zip(plan["costs"], plan["predicted_stage_times"],
+                                          plan["predicted_even_times"])):
+            print(f"  stage {s}: {plan['split'][s]} layers, predicted {t:.4g} {plan['unit']} "
+                  f"(even split {plan['even_split'][s]} layers: {te:.4g}); per layer: tok {c['tok']:.3g}, "
+                  f"pair {c['pair']:.3g}, step {c['step']:.3g}, head {c['head']:.3g}")
 
 
 def _model_summary(arch: str, md: dict, tensors: list) -> list[str]:
@@ -115,6 +137,17 @@ def cmd_bench(a) -> int:
     rows = sweep(model, ctxs=_ints(a.ctx), ubatches=_ints(a.ubatch), devices_list=a.devices.split(";"),
                  schedules=a.schedules.split(","), threads=a.threads, repeat=a.repeat, progress=not a.quiet)
     return report(rows, a.out, {**meta, "model": model}, make_plots=not a.no_plots)
+
+
+def cmd_simulate(a) -> int:
+    from .simreport import run
+
+    a.ctx = _ints(a.ctx) if a.ctx else []
+    a.ubatch = [u if u == "auto" else int(u) for u in a.ubatch.split(",")]
+    if not a.rfc and (a.model is None or not a.ctx):
+        print("turboprefill simulate: give a MODEL and --ctx, or --rfc", file=sys.stderr)
+        return 2
+    return run(a)
 
 
 def cmd_selftest(a) -> int:
@@ -184,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
     pi = sub.add_parser("info", help="build, GPUs and a model's metadata")
     pi.add_argument("model", nargs="?", help="GGUF path or a PyPI model name (gemma3-270m, smollm2)")
+    pi.add_argument("--devices", default=None, help="also show the auto layer split on these devices")
+    pi.add_argument("--threads", default=None, help="threads per stage: N or N0,N1,...")
+    pi.add_argument("--n-ctx", type=int, default=None, help="context the split is planned for")
     pi.set_defaults(fn=cmd_info)
 
     def engine_args(q, devices="cpu", ubatch=512):
@@ -213,6 +249,22 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("--no-plots", action="store_true")
     pb.add_argument("--quiet", action="store_true")
     pb.set_defaults(fn=cmd_bench, threads=1)
+
+    pm = sub.add_parser("simulate", help="predict a prefill with the pipeline model (calibrated here, or the "
+                        "--rfc GPU setups from device profiles)")
+    pm.add_argument("model", nargs="?", help="GGUF path or a PyPI model name (calibrated on this machine's CPU)")
+    pm.add_argument("--rfc", action="store_true", help="the issue's 4×3090 / 8×5060 Ti setups from device profiles")
+    pm.add_argument("--devices", default="cpu:0,cpu:1")
+    pm.add_argument("--threads", default=None, help="threads per stage: N or N0,N1,... (default 1)")
+    pm.add_argument("--ctx", default=None, help="comma-separated prompt lengths")
+    pm.add_argument("--ubatch", default="128", help='comma-separated ubatch sizes or "auto"')
+    pm.add_argument("--ubatch-max", type=int, default=512, help='largest ubatch for "auto"')
+    pm.add_argument("--split", default="even", help='"even", "auto" or layer counts like 10,8')
+    pm.add_argument("--schedule", default="pipelined", choices=["pipelined", "sequential", "lockstep"])
+    pm.add_argument("--measure", action="store_true", help="also run each point and print the error")
+    pm.add_argument("--repeat", type=int, default=3, help="measured runs per point (best is kept)")
+    pm.add_argument("--plot", default=None, help="Gantt plot path; {ctx} and {ubatch} are replaced")
+    pm.set_defaults(fn=cmd_simulate)
 
     ps = sub.add_parser("selftest", help="check the GPUs: kernels vs CPU, then a short pipeline benchmark")
     ps.add_argument("--quick", action="store_true",

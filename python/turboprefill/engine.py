@@ -130,6 +130,12 @@ def _stats(trace: Trace, seconds: float, n_tokens: int) -> dict:
     }
 
 
+def _even(n_layer: int, n_stages: int) -> list[int]:
+    from .split import even_split
+
+    return even_split(n_layer, n_stages)
+
+
 def _as_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     arr = np.asarray(tokens)
     if arr.ndim != 1:
@@ -147,11 +153,19 @@ class Engine:
     Args:
         model: path of a GGUF file, or the name of a model installed from PyPI ("gemma3-270m", "smollm2").
         devices: "cpu", "cpu:0,cpu:1" (one stage per entry), "cuda", "cuda:0,cuda:1", or a list of entries.
-        threads: worker threads per stage (None: the machine's cores split between stages).
-        ubatch: tokens per ubatch.
+        threads: worker threads per stage (None: the machine's cores split between stages), or a list with
+            one count per stage (cpu stages of different speed, e.g. [2, 1]).
+        ubatch: tokens per ubatch, or "auto": cut each prompt into ubatches of about equal predicted cost
+            (attention over the prefix makes late tokens dearer), none larger than ubatch_max (default 512)
+            nor smaller than ubatch_min (default ubatch_max // 8) where the prompt allows.
+        ubatch_min, ubatch_max: bounds for ubatch="auto".
+        ubatch_cost: (per-token, per-attention-pair[, per-ubatch]) cost of one layer for ubatch="auto"; None:
+            measured coefficients when layer_split="auto" measured them, else FLOP counts.
         schedule: "pipelined" or "sequential".
         n_ctx: context size (None: the model's training context).
-        layer_split: layers per stage (None: even split).
+        layer_split: layers per stage; "auto" (default): layers chosen so that the stages' predicted times
+            are equal (split.py: FLOP counts for identical stages, measured and cached costs otherwise;
+            the plan is in config["split_plan"]); None: even split.
         ring_slots: activation slots between consecutive stages (None: default).
     """
 
@@ -160,11 +174,14 @@ class Engine:
         model: str | os.PathLike,
         devices: str | Iterable[str] = "cpu",
         threads: int | None = None,
-        ubatch: int = 512,
+        ubatch: int | str = 512,
         schedule: str = "pipelined",
         n_ctx: int | None = None,
-        layer_split: Sequence[int] | None = None,
+        layer_split: Sequence[int] | str | None = "auto",
         ring_slots: int | None = None,
+        ubatch_min: int | None = None,
+        ubatch_max: int | None = None,
+        ubatch_cost: tuple[float, float] | None = None,
     ):
         from .models import resolve_model
 
@@ -178,10 +195,42 @@ class Engine:
         keep = [ffi.new("char[]", os.fsencode(self.path)), ffi.new("char[]", dev.encode())]
         p.model_path = keep[0]
         p.devices = keep[1]
-        p.threads = int(threads or 0)
-        p.ubatch = int(ubatch)
+        if isinstance(threads, (list, tuple)):
+            if len(threads) > lib.TP_MAX_STAGES:
+                raise ValueError(f"threads has {len(threads)} entries; at most {lib.TP_MAX_STAGES}")
+            p.n_stage_threads = len(threads)
+            for i, t in enumerate(threads):
+                p.stage_threads[i] = int(t)
+        else:
+            p.threads = int(threads or 0)
+        auto_ub = ubatch == "auto"
+        if isinstance(ubatch, str) and not auto_ub:
+            raise ValueError(f'ubatch must be a positive int or "auto", got {ubatch!r}')
+        if not auto_ub and (ubatch_min is not None or ubatch_max is not None):
+            raise ValueError('ubatch_min/ubatch_max apply to ubatch="auto"; pass ubatch="auto" or drop them')
+        p.ubatch = int(ubatch_max or 512) if auto_ub else int(ubatch)
+        p.ubatch_auto = 1 if auto_ub else 0
+        p.ubatch_min = int(ubatch_min or 0)
+        if ubatch_cost is not None:
+            if len(ubatch_cost) not in (2, 3):
+                raise ValueError("ubatch_cost is (per_token, per_pair) or (per_token, per_pair, per_step), per layer")
+            p.ubatch_cost_tok, p.ubatch_cost_pair = float(ubatch_cost[0]), float(ubatch_cost[1])
+            p.ubatch_cost_step = float(ubatch_cost[2]) if len(ubatch_cost) == 3 else 0.0
         p.schedule = SCHEDULES[schedule]
         p.n_ctx = int(n_ctx or 0)
+        self.split_plan = None
+        if isinstance(layer_split, str):
+            if layer_split != "auto":
+                raise ValueError(f'layer_split must be a list of layer counts, "auto" or None, got {layer_split!r}')
+            layer_split = self._auto_split(dev, threads, n_ctx, p.ubatch)
+            plan = self.split_plan
+            if auto_ub and ubatch_cost is None and plan and plan["unit"] == "seconds":
+                # Measured per-layer costs beat FLOP counts for the cut too (same cost model, DESIGN §8).
+                tok = float(np.mean([c["tok"] for c in plan["costs"]]))
+                pair = float(np.mean([c["pair"] for c in plan["costs"]]))
+                step = sum(c["step"] for c in plan["costs"]) / sum(plan["split"])  # per layer
+                if tok > 0 and pair > 0:
+                    p.ubatch_cost_tok, p.ubatch_cost_pair, p.ubatch_cost_step = tok, pair, step
         if layer_split is not None:
             split = [int(x) for x in layer_split]
             if len(split) > lib.TP_MAX_STAGES:
@@ -194,10 +243,36 @@ class Engine:
         check(lib.tp_engine_create(p, out))
         self._h = out[0]
         self.devices = dev
-        self.ubatch = int(ubatch)
+        self.layer_split = list(layer_split) if layer_split is not None else None
+        self.ubatch = "auto" if auto_ub else int(ubatch)
+        self.ubatch_bounds = (int(p.ubatch_min) or max(1, int(p.ubatch) // 8), int(p.ubatch)) if auto_ub else None
         self.schedule = schedule
         self._tokenizer = None
         self._lock = threading.Lock()
+
+    def _auto_split(self, devices: str, threads, n_ctx, ubatch: int) -> list[int] | None:
+        """Plan layer_split="auto" (split.py); None for one stage, which has nothing to split."""
+        from .costmodel import DeviceCost, windows_of
+        from .errors import TurboPrefillError
+        from .split import auto_split, device_kinds
+
+        try:
+            kinds = device_kinds(devices)
+        except TurboPrefillError:
+            return None  # GPUs named but unusable: the engine's own check says why, with what to do
+        if len(kinds) < 2:
+            return None
+        # A one-stage cpu engine over the same file tells dimensions and layer kinds (mmap only: cheap).
+        with Engine(self.path, devices="cpu", threads=1, layer_split=None, n_ctx=n_ctx) as probe:
+            cfg = probe.config
+            windows = windows_of(probe.layer_swa, cfg["n_swa"])
+            tok, pair = ffi.new("double *"), ffi.new("double *")
+            check(lib.tp_engine_cost_defaults(probe._handle(), tok, pair))
+        if len(kinds) > cfg["n_layer"]:
+            return None  # more stages than layers: the engine refuses it with its own message
+        flop = DeviceCost(tok=tok[0], pair=pair[0], head=2.0 * cfg["n_vocab"] * cfg["n_embd"])
+        self.split_plan = auto_split(self.path, devices, threads, cfg, windows, flop, ubatch, kinds)
+        return self.split_plan["split"]
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -250,8 +325,19 @@ class Engine:
             "rope_scaling": ffi.string(info.rope_scaling).decode(),
             "devices": self.devices,
             "ubatch": self.ubatch,
+            "ubatch_min_max": self.ubatch_bounds,
+            "layer_split": self.layer_split or _even(info.n_layer, info.n_stages),
+            "split_plan": self.split_plan,
             "schedule": self.schedule,
         }
+
+    @property
+    def layer_swa(self) -> list[int]:
+        """Per layer: 1 when it uses the sliding window (its attention cost is capped by n_swa), else 0."""
+        n = self.config["n_layer"]
+        buf = ffi.new("int8_t[]", n)
+        check(lib.tp_engine_layer_swa(self._handle(), buf, n))
+        return [int(x) for x in buf]
 
     @property
     def n_past(self) -> int:
@@ -350,6 +436,18 @@ class Engine:
         out = ffi.new("uint64_t *")
         check(lib.tp_engine_kv_digest(self._handle(), out))
         return int(out[0])
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write the sequence's KV cache (every stage) and the model's identity to `path` (a prefix cache)."""
+        with self._lock:
+            check(lib.tp_engine_save_state(self._handle(), os.fsencode(path)))
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Replace the sequence with one saved by save_state(); the next prefill continues after its tokens.
+        Raises when the state comes from another model or layer split, or the file is corrupt or truncated
+        (the sequence is then left as it was)."""
+        with self._lock:
+            check(lib.tp_engine_load_state(self._handle(), os.fsencode(path)))
 
     def _inject_fault(self, layer: int) -> None:
         """Testing aid: later prefills fail when they reach `layer` (-1 turns it off)."""

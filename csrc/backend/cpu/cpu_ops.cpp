@@ -199,6 +199,10 @@ class CpuOps final : public Ops {
     memcpy(v, v_[size_t(layer)].data(), size_t(n_pos * kv_dim_) * sizeof(float));
   }
 
+  void kv_from_host(int layer, const float* k, const float* v, int64_t n_pos) override {
+    kv_store(layer, k, v, 0, n_pos);
+  }
+
   void attention(float* out, const float* q, int layer, int64_t pos0, int64_t n_tok, const AttnParams& p) override {
     cpu_attention(pool_, out, q, k_[size_t(layer)].data(), v_[size_t(layer)].data(), pos0, n_tok, p);
   }

@@ -443,6 +443,23 @@ class CudaOps final : public Ops {
     }
   }
 
+  // Rounded on the host with f32_to_f16 (round to nearest even, like kv_store's __float2half_rn), then one
+  // synchronous copy per array: it runs between prefills, never inside the pipeline.
+  void kv_from_host(int layer, const float* k, const float* v, int64_t n_pos) override {
+    if (n_pos <= 0) return;
+    check_kv(layer, n_pos, "kv_from_host");
+    set_device();
+    std::vector<uint16_t> tmp(size_t(n_pos * kv_dim_));
+    for (int which = 0; which < 2; ++which) {
+      const float* src = which == 0 ? k : v;
+      for (size_t i = 0; i < tmp.size(); ++i) tmp[i] = f32_to_f16(src[i]);
+      __half* dst = which == 0 ? k_[size_t(layer)] : v_[size_t(layer)];
+      check(cudaMemcpyAsync(dst, tmp.data(), tmp.size() * sizeof(uint16_t), cudaMemcpyHostToDevice, stream_),
+            "kv_from_host copy");
+      check(cudaStreamSynchronize(stream_), "kv_from_host (cudaStreamSynchronize)");
+    }
+  }
+
   void set_attention_kernel(TpAttnKernel k) { attn_kernel_ = k; }
 
  private:

@@ -1,0 +1,110 @@
+"""The pipeline simulator (simulate.py) against measured CPU runs of the same model.
+
+Calibration and measurement run in the same process, back to back, so that they see the same machine
+load: for each stage count, a calibration prefill (cost-shaped ubatches, so sizes and positions vary and
+the per-token, per-pair and per-step costs separate) gives per-stage DeviceCosts (each step's time the
+best of several runs); the simulator then predicts other prefills (other ubatch sizes, lengths and
+schedules), which are measured best-of-N. Tolerance: the issue's 10% on the total time. The simulator's
+dynamics (fill/drain bubbles, ring slots, the sequential credit) are what this checks; the load of other
+processes on a shared machine is what it cannot model, hence best-of-N and fits taken minutes apart at most.
+The measured runs use the calibration's schedule (pipelined): on a 2-core machine that other jobs also
+load, two concurrent stages run each step slower than one stage alone, so a sequential run (one stage
+busy at a time) is faster per step than a pipelined calibration says; the deterministic test below checks
+the sequential schedule's rule instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from turboprefill import Engine
+from turboprefill.costmodel import DeviceCost, fit_handoff, fit_overhead, fit_trace, trace_rows
+from turboprefill.simulate import LINKS, PROFILES, ModelSpec, fit_efficiency, fixed_bounds, link_seconds, simulate
+
+TOLERANCE = 0.10  # the issue's bound on |predicted / measured - 1|
+REPEATS = 7  # rounds; each keeps the fastest run (other jobs only ever slow a run down)
+
+
+def _engine(path, devices, split, **kw):
+    eng = Engine(path, devices=devices, threads=1, layer_split=split, **kw)
+    eng.prefill(np.zeros(32, dtype=np.int32))  # warm-up: page faults, thread start
+    return eng
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [1, 2])
+def test_simulator_predicts_measured_cpu_runs(tmp_path, stages):
+    from turboprefill.writer import write_model
+
+    path = str(tmp_path / "sim.gguf")
+    write_model(path, "llama", n_vocab=256, n_embd=256, n_layer=4, n_head=4, n_head_kv=1, n_ff=768, n_ctx=4096)
+    toks = np.random.default_rng(0).integers(0, 256, 2048).astype(np.int32)
+    devices = ",".join(f"cpu:{i}" for i in range(stages))
+    split = [4] if stages == 1 else [2, 2]
+    # Calibration: the fastest run at each of two ubatch sizes, so that per-token and per-step costs
+    # separate in the fit (positions vary within a run, which separates the attention's per-pair cost).
+    # Validation: other ubatch sizes, lengths and a cost-shaped cut.
+    cal_points = [(1536, 32), (1536, 128)]
+    points = [(1536, 64), (1024, 48), (1280, "auto")]
+    runs = {p: _engine(path, devices, split, **({"ubatch": p[1]} if p[1] != "auto" else
+                                                 {"ubatch": "auto", "ubatch_min": 16, "ubatch_max": 96}))
+            for p in cal_points + points}
+    # Rounds run every configuration in turn so that all see the same load; each keeps its fastest run
+    # (other jobs only ever slow a run down).
+    best = {}
+    for _ in range(REPEATS):
+        for (n, u), eng in runs.items():
+            eng.reset()
+            r = eng.prefill(toks[:n])
+            if (n, u) not in best or r.stats["seconds"] < best[(n, u)].stats["seconds"]:
+                best[(n, u)] = r
+    ranges, b = [], 0
+    for k in split:
+        ranges.append((b, b + k))
+        b += k
+    rows = [r for p in cal_points for r in trace_rows(best[p].trace, 0)]
+    costs = [fit_trace([r for r in rows if r[0] == s], 0, ranges, [0] * 4) for s in range(stages)]
+    handoff = float(np.median([fit_handoff(best[p].trace) for p in cal_points]))
+    overhead = float(np.median([fit_overhead(best[p]) for p in cal_points]))
+    errors = []
+    for n, u in cal_points + points:
+        res = best[(n, u)]
+        ev = sorted((e for e in res.trace.events if e.stage == 0), key=lambda e: e.ubatch)
+        bounds = [0] + [int(x) for x in np.cumsum([e.n_tokens for e in ev])]
+        assert bounds == (fixed_bounds(n, u) if u != "auto" else bounds)
+        predicted = simulate(costs, split, [0] * 4, bounds, 256, "pipelined", handoff=handoff, draws=64)[0] + overhead
+        measured = res.stats["seconds"]
+        errors.append((n, u, measured, predicted, predicted / measured - 1))
+    report = "\n".join(f"{stages} stage(s), n={n} ubatch={u}: measured {m:.3f} s, predicted {p:.3f} s "
+                       f"({100 * e:+.1f}%)" for n, u, m, p, e in errors)
+    print(report)
+    # In-sample (the calibration runs themselves) and out-of-sample points, both within the tolerance.
+    assert all(abs(e[-1]) <= TOLERANCE for e in errors), report
+
+
+def test_simulated_schedules_follow_the_pipeline_rules():
+    """Deterministic: equal stages of cost c, M ubatches: pipelined = (M + P - 1)·c, sequential = M·P·c,
+    and a slow link shows up once per hand-off."""
+    c = DeviceCost(tok=1e-3, pair=0.0)
+    P, M, u = 4, 10, 8
+    b = fixed_bounds(M * u, u)
+    t_pipe, trace = simulate([c] * P, [1] * P, [0] * P, b, 16, "pipelined", link="none")
+    t_seq, _ = simulate([c] * P, [1] * P, [0] * P, b, 16, "sequential", link="none")
+    step = u * 1e-3
+    assert t_pipe == pytest.approx((M + P - 1) * step, rel=1e-9)
+    assert t_seq == pytest.approx(M * P * step, rel=1e-9)
+    assert len(trace.events) == P * M and trace.n_stages == P
+    t_slow, _ = simulate([c] * 2, [1, 1], [0, 0], b, 1 << 20, "sequential", link="pcie3")
+    copy = link_seconds("pcie3", u * (1 << 20) * 4)
+    assert t_slow == pytest.approx(M * (2 * step + copy), rel=1e-9)
+    assert link_seconds("pcie4", 1e9, host_staging=True) == pytest.approx(2 * link_seconds("pcie4", 1e9))
+    assert set(PROFILES) >= {"rtx3090", "rtx5060ti", "p104-100", "a100", "h100"} and "nvlink3090" in LINKS
+
+
+def test_profile_efficiency_fit_reproduces_its_anchor():
+    m = ModelSpec("toy", 8, 1024, 8, 2, 128, 4096, 32000)
+    eff = fit_efficiency(PROFILES["rtx3090"], m, 2, 4096, 20000.0, "sequential", 512)
+    c = PROFILES["rtx3090"].cost(m, eff)
+    t, _ = simulate([c] * 2, [4, 4], m.windows, fixed_bounds(4096, 512), m.n_embd, "sequential", "pcie4")
+    assert 4096 / t == pytest.approx(20000.0, rel=1e-3)
