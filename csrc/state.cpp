@@ -82,11 +82,13 @@ class File {
     if (fp_) std::fclose(fp_);
   }
   void write(const void* p, size_t n, Fnv* h = nullptr) {
+    if (n == 0) return;  // an empty sequence's KV data: its buffer may be null (fwrite's argument must not be)
     if (std::fwrite(p, 1, n, fp_) != n)
       fail(TP_ERR_IO, "writing the state %s failed: %s (disk full?)", path_.c_str(), std::strerror(errno));
     if (h) h->add(p, n);
   }
   void read(void* p, size_t n, Fnv* h = nullptr) {
+    if (n == 0) return;
     if (std::fread(p, 1, n, fp_) != n)
       fail(TP_ERR_FORMAT, "the state %s is truncated (ends inside %s); save it again", path_.c_str(),
            h ? "the KV data" : "the header");
@@ -226,7 +228,7 @@ void Engine::load_state(const std::string& path) {
   size_t off = 0;
   for (auto& st : stages_) {
     st->ops->kv_reserve(st->n_layers(), cfg_.kv_dim(), std::max<int64_t>(hd.n_past, 1));
-    for (int64_t l = 0; l < st->n_layers(); ++l, off += 2 * per)
+    for (int64_t l = 0; l < st->n_layers() && hd.n_past > 0; ++l, off += 2 * per)  // an empty state has no data
       st->ops->kv_from_host(int(l), data.data() + off, data.data() + off + per, hd.n_past);
   }
   n_past_ = hd.n_past;
