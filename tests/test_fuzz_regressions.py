@@ -37,3 +37,12 @@ def test_text_with_lone_surrogates_is_a_value_error():
     with pytest.raises(ValueError, match=r"not valid Unicode \(surrogates not allowed at \d+\)"):
         tok.encode(text)
     assert tok.encode(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))  # the same text, repaired
+
+
+def test_merges_that_are_not_strings_are_a_value_error():
+    # tokenizer_fuzz in CI's 60 s run: tokenizer.ggml.merges held integers; parsing called .find on an int
+    path = REG / "tokenizer-integer-merges.gguf"
+    merges = describe_gguf(path)["metadata"]["tokenizer.ggml.merges"]
+    assert not all(isinstance(m, str) for m in merges)
+    with pytest.raises(ValueError, match="tokenizer.ggml.merges must be an array of strings"):
+        Tokenizer.from_gguf(path)

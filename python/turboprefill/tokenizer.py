@@ -172,6 +172,15 @@ def _llama_cpp_attrs(tokens: Sequence[str], types: Sequence[int], md: Mapping[st
     return attrs
 
 
+def _check_array(md: Mapping[str, object], key: str, kind: type) -> None:
+    """ValueError unless md[key] (when present) is an array of `kind` (a fuzzed file had integer merges)."""
+    v = md.get(key)
+    if v is None:
+        return
+    if not isinstance(v, list) or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
+        raise ValueError(f"GGUF key {key} must be an array of {'strings' if kind is str else 'integers'}")
+
+
 def _gpt2_byte_map() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (printable bytes map to themselves)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
@@ -240,6 +249,7 @@ class Tokenizer:
         tokens = md.get("tokenizer.ggml.tokens")
         if not tokens:
             raise ValueError("GGUF metadata has no tokenizer.ggml.tokens: the file carries no vocabulary")
+        _check_array(md, "tokenizer.ggml.tokens", str)
         if self.model not in ("gpt2", "llama"):
             raise ValueError(
                 f"unsupported tokenizer.ggml.model {self.model!r}: TurboPrefill tokenizes 'gpt2' (byte-level "
@@ -250,6 +260,7 @@ class Tokenizer:
         self.tokens: list[str] = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
         n = len(self.tokens)
         types = md.get("tokenizer.ggml.token_type")
+        _check_array(md, "tokenizer.ggml.token_type", int)
         self.token_types: list[int] = list(types) if types is not None else [TOKEN_NORMAL] * n
         if len(self.token_types) != n:
             raise ValueError(f"tokenizer.ggml.token_type has {len(self.token_types)} entries, tokens has {n}")
@@ -312,6 +323,7 @@ class Tokenizer:
         merges_md = md.get("tokenizer.ggml.merges")
         if not merges_md:
             raise ValueError("gpt2 vocabulary without tokenizer.ggml.merges")
+        _check_array(md, "tokenizer.ggml.merges", str)
         merges = []
         for m in merges_md:
             # llama.cpp splits at the first space after position 0 (a merge's left part is never empty).
