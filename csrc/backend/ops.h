@@ -23,6 +23,7 @@ struct RopeParams {
   float freq_scale = 1.0f;
   const float* freq_factors = nullptr;  // [n_rot/2] divisors (rope_freqs.weight) or null
   YarnParams yarn;                      // ext_factor 0: plain RoPE (model/config.h has the formula)
+  int sections[4] = {0, 0, 0, 0};       // Vision: pairs per position section (t, h, w, e), in that order
 };
 
 struct AttnParams {
@@ -57,8 +58,10 @@ class Ops {
   // x[r] += b                                                          x: [rows, b.cols]
   virtual void add_bias(float* x, const Tensor& b, int64_t rows) = 0;
   // Rotate each head of x in place; token i sits at position pos0 + i.  x: [n_tok, n_heads, head_dim]
+  // Vision mode reads token i's four section positions from pos (backend memory, section-major [4, n_tok]:
+  // pos[i], pos[n_tok + i], pos[2 n_tok + i], pos[3 n_tok + i]) instead; pos0 is then unused.
   virtual void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0,
-                    const RopeParams& p) = 0;
+                    const RopeParams& p, const int32_t* pos = nullptr) = 0;
   // Store k, v ([n_tok, kv_dim]) for positions pos0.. of stage-local layer `layer`.
   virtual void kv_store(int layer, const float* k, const float* v, int64_t pos0, int64_t n_tok) = 0;
   // Causal attention of q ([n_tok, n_head, head_dim], positions pos0..) against the cached keys/values
@@ -93,6 +96,9 @@ class Ops {
   virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;
   // Copy n floats from backend memory to the host (blocking).
   virtual void to_host(float* dst, const float* src, int64_t n) = 0;
+  // Copy n floats / int32 from the host into backend memory (the host buffer may be reused on return).
+  virtual void from_host(float* dst, const float* src, int64_t n) = 0;
+  virtual void from_host_i32(int32_t* dst, const int32_t* src, int64_t n) = 0;
   // Copy n floats between two buffers of this backend.
   virtual void copy(float* dst, const float* src, int64_t n) = 0;
 

@@ -14,7 +14,10 @@ namespace tp {
 class GgufFile;
 
 enum class Arch { Llama, Qwen2, Qwen3, Gemma3, GptOss };
-enum class RopeMode { Norm, Neox };  // adjacent pairs (llama) / half-offset pairs (HF rotate_half)
+// Norm: adjacent pairs (llama); Neox: half-offset pairs (HF rotate_half); Vision (Qwen2.5-VL's ViT, ggml's
+// GGML_ROPE_TYPE_VISION): pairs (k, k + n_rot) for k < n_rot = head_dim / 2, pair k turned by the position of
+// its section (RopeParams::sections) at frequency base^(-2j/n_rot), j = k's index inside that section.
+enum class RopeMode { Norm, Neox, Vision };
 // SwigluOai (gpt-oss): g = min(g, 7), u = clamp(u, -7, 7), out = g·sigmoid(1.702·g)·(u + 1).
 enum class Activation { Silu, GeluTanh, SwigluOai };
 constexpr float kSwigluOaiAlpha = 1.702f, kSwigluOaiLimit = 7.0f;

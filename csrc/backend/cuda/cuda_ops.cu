@@ -246,8 +246,14 @@ class CudaOps final : public Ops {
     check(tp_add_bias_cuda(x, static_cast<const float*>(weight(b)), rows, b.cols, stream_), "add_bias launch");
   }
 
-  void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0, const RopeParams& p) override {
+  void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0, const RopeParams& p,
+            const int32_t* pos) override {
     set_device();
+    if (p.mode == RopeMode::Vision) {
+      check(tp_rope_vision_cuda(x, n_tok, n_heads, head_dim, pos, p.n_rot, p.sections, p.base, stream_),
+            "rope (vision) launch");
+      return;
+    }
     const float* ff = nullptr;
     if (p.freq_factors)
       ff = static_cast<const float*>(device_copy(p.freq_factors, size_t(p.n_rot / 2) * sizeof(float), "rope_freqs"));
@@ -337,6 +343,19 @@ class CudaOps final : public Ops {
   void add(float* out, const float* a, const float* b, int64_t n) override {
     set_device();
     check(tp_add_cuda(out, a, b, n, stream_), "add launch");
+  }
+
+  void from_host(float* dst, const float* src, int64_t n) override {
+    set_device();
+    check(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(float), cudaMemcpyHostToDevice, stream_), "from_host copy");
+    check(cudaStreamSynchronize(stream_), "from_host (cudaStreamSynchronize)");
+  }
+
+  void from_host_i32(int32_t* dst, const int32_t* src, int64_t n) override {
+    set_device();
+    check(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+          "from_host_i32 copy");
+    check(cudaStreamSynchronize(stream_), "from_host_i32 (cudaStreamSynchronize)");
   }
 
   void to_host(float* dst, const float* src, int64_t n) override {

@@ -34,6 +34,11 @@ cudaError_t tp_rope_cuda(float* x, int64_t n_tok, int64_t n_heads, int64_t head_
                          tp::RopeMode mode, int64_t n_rot, float base, float freq_scale, const float* freq_factors,
                          tp::YarnParams yarn, cudaStream_t stream);
 
+// Vision rope (model/config.h RopeMode::Vision): pairs (k, k + n_rot), k < n_rot <= head_dim / 2, pair k turned
+// by pos[s * n_tok + i] · base^(-2j/n_rot), s its section and j its index there.  pos: [4, n_tok] int32 (device)
+cudaError_t tp_rope_vision_cuda(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, const int32_t* pos,
+                                int64_t n_rot, const int sections[4], float base, cudaStream_t stream);
+
 // out = act(gate) * up                                  all: [n] (out may alias gate or up); SwigluOai clamps
 // first (model/config.h)
 cudaError_t tp_glu_cuda(float* out, const float* gate, const float* up, int64_t n, tp::Activation act,

@@ -36,7 +36,39 @@ __global__ void rope_kernel(float* x, int64_t n_heads, int64_t head_dim, int64_t
   }
 }
 
+// One block per token, one thread per pair: the CPU's double angle, rounded products (no FMA).
+__global__ void rope_vision_kernel(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, const int32_t* pos,
+                                   int n_rot, int4 sections, float base) {
+  const int64_t i = blockIdx.x;
+  const int sec[4] = {sections.x, sections.y, sections.z, sections.w};
+  const int span = sec[0] + sec[1] + sec[2] + sec[3];
+  for (int k = threadIdx.x; k < n_rot; k += blockDim.x) {
+    int r = k % span, s = 0;
+    while (s < 3 && r >= sec[s]) r -= sec[s++];
+    const double th = double(pos[s * n_tok + i]) * pow(double(base), -2.0 * double(r) / double(n_rot));
+    const float c = float(cos(th)), sn = float(sin(th));
+    for (int64_t h = 0; h < n_heads; ++h) {
+      float* v = x + (i * n_heads + h) * head_dim;
+      const float a = v[k], b = v[k + n_rot];
+      v[k] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
+      v[k + n_rot] = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, c));
+    }
+  }
+}
+
 }  // namespace
+
+cudaError_t tp_rope_vision_cuda(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, const int32_t* pos,
+                                int64_t n_rot, const int sections[4], float base, cudaStream_t stream) {
+  const int span = sections[0] + sections[1] + sections[2] + sections[3];
+  if (n_tok < 0 || n_heads < 0 || n_rot <= 0 || 2 * n_rot > head_dim || span <= 0 || !pos || n_tok > INT32_MAX)
+    return cudaErrorInvalidValue;
+  if (n_tok == 0 || n_heads == 0) return cudaSuccess;
+  const int threads = n_rot >= 128 ? 128 : int((n_rot + 31) / 32 * 32);
+  TP_LAUNCH(rope_vision_kernel, unsigned(n_tok), threads, 0, stream, x, n_tok, n_heads, head_dim, pos, int(n_rot),
+            make_int4(sections[0], sections[1], sections[2], sections[3]), base);
+  return cudaGetLastError();
+}
 
 cudaError_t tp_rope_cuda(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0,
                          tp::RopeMode mode, int64_t n_rot, float base, float freq_scale, const float* freq_factors,
