@@ -35,6 +35,15 @@ int64_t positive_key(const GgufFile& f, const std::string& key, int64_t lo, int6
   return v;
 }
 
+// A BOOL key (absent: false).
+bool flag_key(const GgufFile& f, const std::string& key) {
+  const GgufValue* v = f.find(key);
+  if (!v) return false;
+  if (v->type != GgufValueType::BOOL)
+    fail(TP_ERR_FORMAT, "%s: key '%s' must be a BOOL", f.path().c_str(), key.c_str());
+  return v->i != 0;
+}
+
 void float3_key(const GgufFile& f, const std::string& key, float* out) {
   const GgufValue* v = f.find(key);
   if (!v) fail(TP_ERR_FORMAT, "%s: missing required key '%s'", f.path().c_str(), key.c_str());
@@ -102,9 +111,9 @@ ClipConfig load_clip_config(const GgufFile& f) {
   if (c.projector != kProjector)
     fail(TP_ERR_UNSUPPORTED, "%s: clip.projector_type is '%s'; only '%s' (Qwen2.5-VL) is supported",
          f.path().c_str(), c.projector.c_str(), kProjector);
-  if (f.get_int_or("clip.has_vision_encoder", 0) == 0)
+  if (!flag_key(f, "clip.has_vision_encoder"))
     fail(TP_ERR_FORMAT, "%s: clip.has_vision_encoder is missing or false", f.path().c_str());
-  if (f.get_int_or("clip.use_silu", 0) == 0 || f.get_int_or("clip.use_gelu", 0) != 0)
+  if (!flag_key(f, "clip.use_silu") || flag_key(f, "clip.use_gelu"))
     fail(TP_ERR_UNSUPPORTED, "%s: clip.use_silu is not set: the vision FFN would not be SwiGLU (Qwen2.5-VL's)",
          f.path().c_str());
 
