@@ -119,8 +119,8 @@ def encode(m: VisionRef, pixels: np.ndarray, window_px: int = 112) -> np.ndarray
     same_window = wid[:, None] == wid[None, :]
     nh, d = m.n_head, m.n_embd // m.n_head
     for il in range(m.n_layer):
-        b = f"v.blk.{il}."
-        W = lambda n: m.w[b + n]  # noqa: E731
+        blk = {n[len(f"v.blk.{il}.") :]: t for n, t in m.w.items() if n.startswith(f"v.blk.{il}.")}
+        W = blk.__getitem__  # noqa: N806
         hN = rms_norm(x, W("ln1.weight"), m.eps)
         q = (hN @ W("attn_q.weight").T + W("attn_q.bias")).reshape(-1, nh, d)
         k = (hN @ W("attn_k.weight").T + W("attn_k.bias")).reshape(-1, nh, d)

@@ -85,6 +85,7 @@ def test_windows_change_the_result(mmproj):
         big = image(140, 196, seed=3)
         y0, y2 = e0.encode(big), e2.encode(big)
         assert np.abs(y0 - y2).max() > 1e-2
+        assert cosines(y0, R.encode(r0, big)).min() >= 0.9999
         assert cosines(y2, R.encode(r2, big)).min() >= 0.9999
         one = image(112, 112, seed=4)
         np.testing.assert_allclose(e0.encode(one), e2.encode(one), rtol=0, atol=1e-5)
@@ -172,8 +173,15 @@ def test_bad_image_size(mmproj, h, w):
         px = np.zeros((3, max(h, 0), max(w, 0)), np.float32) if h * w < 1e7 else np.zeros((3, 1, 1), np.float32)
         if px.shape[1:] != (h, w):  # sizes no array can have: straight through the C ABI
             out = np.zeros(1, np.float32)
-            status = _native.lib.tp_vision_encode(enc._h, _native.ffi.from_buffer("float[]", px), h, w,
-                                                  _native.ffi.from_buffer("float[]", out), 1, _native.ffi.NULL)
+            status = _native.lib.tp_vision_encode(
+                enc._h,
+                _native.ffi.from_buffer("float[]", px),
+                h,
+                w,
+                _native.ffi.from_buffer("float[]", out),
+                1,
+                _native.ffi.NULL,
+            )
             with pytest.raises(ValueError, match="multiples of 28|too large"):
                 _native.check(status)
             return
@@ -190,8 +198,15 @@ def test_wrong_pixel_shape_and_buffer(mmproj):
             enc.encode(np.zeros((28, 28), np.float32))
         px = np.zeros((3, 56, 56), np.float32)
         out = np.zeros(4 * 96 - 1, np.float32)
-        status = _native.lib.tp_vision_encode(enc._h, _native.ffi.from_buffer("float[]", px), 56, 56,
-                                              _native.ffi.from_buffer("float[]", out), out.size, _native.ffi.NULL)
+        status = _native.lib.tp_vision_encode(
+            enc._h,
+            _native.ffi.from_buffer("float[]", px),
+            56,
+            56,
+            _native.ffi.from_buffer("float[]", out),
+            out.size,
+            _native.ffi.NULL,
+        )
         with pytest.raises(ValueError, match="output buffer holds 383 floats"):
             _native.check(status)
     with pytest.raises(ValueError, match="after close"):
@@ -233,8 +248,19 @@ def test_cpu_attention_seg(head_dim, seg):
     q, k, v = (rng.normal(size=(n, nh * head_dim)).astype(np.float32) for _ in range(3))
     out = np.full_like(q, np.nan)
     bounds = np.asarray(seg, np.int32)
-    _lib.tp_cpu_test_attention_seg(_p(out), _p(q), _p(k), _p(v), n, nh, head_dim, 1.0 / math.sqrt(head_dim),
-                                   _p(bounds, "int32_t *"), len(seg) - 1, 2)
+    _lib.tp_cpu_test_attention_seg(
+        _p(out),
+        _p(q),
+        _p(k),
+        _p(v),
+        n,
+        nh,
+        head_dim,
+        1.0 / math.sqrt(head_dim),
+        _p(bounds, "int32_t *"),
+        len(seg) - 1,
+        2,
+    )
     want = attention_seg_numpy(q, k, v, nh, seg)
     assert np.abs(out - want).max() <= 2e-6 * np.abs(v).max()
 

@@ -12,8 +12,22 @@ import numpy as np
 
 from ._native import check, ffi, lib
 
-_INFO_INTS = ("n_embd", "n_layer", "n_head", "head_dim", "n_ff", "patch_size", "merge_size", "proj_dim",
-              "merger_dim", "window_px", "n_wa_pattern", "image_size", "min_pixels", "max_pixels")
+_INFO_INTS = (
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "head_dim",
+    "n_ff",
+    "patch_size",
+    "merge_size",
+    "proj_dim",
+    "merger_dim",
+    "window_px",
+    "n_wa_pattern",
+    "image_size",
+    "min_pixels",
+    "max_pixels",
+)
 
 
 class VisionEncoder:
@@ -42,8 +56,17 @@ class VisionEncoder:
         unit = self.info["patch_size"] * self.info["merge_size"]
         out = np.empty(((h // unit) * (w // unit), self.info["proj_dim"]), dtype=np.float32)
         secs = ffi.new("double*")
-        check(lib.tp_vision_encode(self._h, ffi.from_buffer("float[]", px), h, w,
-                                   ffi.from_buffer("float[]", out, require_writable=True), out.size, secs))
+        check(
+            lib.tp_vision_encode(
+                self._h,
+                ffi.from_buffer("float[]", px),
+                h,
+                w,
+                ffi.from_buffer("float[]", out, require_writable=True),
+                out.size,
+                secs,
+            )
+        )
         self.last_seconds = float(secs[0])
         return out
 

@@ -147,8 +147,11 @@ def write_mmproj(
         elif t == "F16":
             wr.add_tensor(name, w.astype(np.float16))  # exact f16 rounding, as the converter's numpy cast
         else:
-            wr.add_tensor(name, _encode(w.reshape(-1, ne[0]), t).reshape(*w.shape[:-1], -1),
-                          raw_dtype=gguf.GGMLQuantizationType[t])
+            wr.add_tensor(
+                name,
+                _encode(w.reshape(-1, ne[0]), t).reshape(*w.shape[:-1], -1),
+                raw_dtype=gguf.GGMLQuantizationType[t],
+            )
         tensors[name] = {"type": t, "ne": list(ne)}
         if return_weights:
             weights[name] = w
@@ -158,8 +161,16 @@ def write_mmproj(
     wr.close()
     out = {
         "path": os.fspath(path),
-        "config": {"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "n_ff": n_ff, "proj_dim": proj_dim,
-                   "n_wa_pattern": n_wa_pattern, "weight_type": wt, "eps": eps},
+        "config": {
+            "n_embd": n_embd,
+            "n_layer": n_layer,
+            "n_head": n_head,
+            "n_ff": n_ff,
+            "proj_dim": proj_dim,
+            "n_wa_pattern": n_wa_pattern,
+            "weight_type": wt,
+            "eps": eps,
+        },
         "tensors": tensors,
     }
     if return_weights:
