@@ -9,9 +9,10 @@ Tolerances, each with its reason:
 - attention_seg: all-f32 online softmax with FMA dots; against float64 the same bound as the CPU's f32 kernels
   in tests/test_cuda_ops.py (4e-6 · max|v|).
 - unary: the CPU's expressions with expf (<= 2 ulp) in place of vexp: as the CPU test, (8 + 4|z|) ulp of |out|.
-- encoder: per row cosine >= 0.9999 against the CPU encoder and the reference (f32 and f16 weights: f32
-  arithmetic in a different summation order; q8_0: int8 activations on both, rounded at different points),
-  the issue's bar for f32 weights.
+- encoder, per row cosine against the CPU encoder and the reference: f32 weights >= 0.9999 (f32 arithmetic in
+  another summation order; the issue's bar); q8_0 >= 0.999 (the issue's bar for quantized weights): the CUDA
+  int8 path quantizes activations in one int8 stage as llama.cpp does, the CPU in two (~15 bits;
+  csrc/backend/cpu/matmul.cpp), measured 0.9998 on these random weights.
 """
 
 from __future__ import annotations
@@ -118,5 +119,6 @@ def test_cuda_encoder_matches_cpu(tmp_path, weight_type, hw):
         y_cpu = c.encode(px)
         assert g.last_seconds > 0.0
     assert np.isfinite(y_gpu).all()
-    assert cosines(y_gpu, y_cpu).min() >= 0.9999
-    assert cosines(y_gpu, R.encode(R.load(path), px)).min() >= 0.9999
+    min_cos = 0.9999 if weight_type == "f32" else 0.999
+    assert cosines(y_gpu, y_cpu).min() >= min_cos
+    assert cosines(y_gpu, R.encode(R.load(path), px)).min() >= min_cos
