@@ -229,7 +229,8 @@ typedef struct tp_vision_info {
   float image_mean[3], image_std[3];
 } tp_vision_info;
 
-/* device: "cpu", "cpu:N", "cuda" or "cuda:N"; n_threads <= 0: one per core (cpu only). */
+/* device: "cpu", "cpu:N", "cuda" or "cuda:N"; n_threads <= 0: one per core (cpu only). A handle runs one
+ * encode at a time (calls on one handle must not overlap); separate handles are independent. */
 TP_API tp_status tp_vision_create(const char* mmproj_path, const char* device, int32_t n_threads, tp_vision** out);
 TP_API tp_status tp_vision_info_get(const tp_vision* vision, tp_vision_info* out);
 /* out_len must be (height / 28) * (width / 28) * proj_dim; *seconds (may be null) = wall time of the encode. */
