@@ -146,6 +146,40 @@ def test_missing_tensor(tmp_path, name):
         VisionEncoder(path)
 
 
+@pytest.mark.parametrize(
+    "overrides,exc,message",
+    [
+        ({"clip.vision.projection_dim": 100}, FormatError, r"'mm.2.weight' has shape \[256, 96, 1, 1\], expected"),
+        ({"clip.vision.feed_forward_length": 100}, FormatError, r"'v.blk.0.ffn_gate.weight' has shape"),
+        ({"clip.vision.attention.head_count": 5}, FormatError, "not a multiple of attention.head_count 5"),
+        ({"clip.vision.attention.head_count": 32}, UnsupportedError, "head_dim 2 is not a multiple of 4"),
+        ({"clip.vision.n_wa_pattern": None}, FormatError, "missing required key 'clip.vision.n_wa_pattern'"),
+        ({"clip.vision.image_mean": [0.5, 0.5]}, FormatError, "'clip.vision.image_mean' must be an array of 3"),
+        ({"clip.use_silu": False}, UnsupportedError, "clip.use_silu is not set"),
+        ({"clip.has_vision_encoder": None}, FormatError, "clip.has_vision_encoder is missing"),
+        ({"clip.vision.spatial_merge_size": 3}, UnsupportedError, "spatial_merge_size is 3"),
+        ({"clip.vision.attention.layer_norm_epsilon": None}, FormatError, "layer_norm_epsilon' is missing"),
+    ],
+)  # fmt: skip
+def test_bad_keys(tmp_path, overrides, exc, message):
+    path = tmp_path / "m.gguf"
+    write_mmproj(path, key_overrides=overrides, **SMALL)
+    with pytest.raises(exc, match=message):
+        VisionEncoder(path)
+
+
+@pytest.mark.parametrize(
+    "name,type_name,message",
+    [("v.blk.0.ln1.weight", "F16", "norm weights and biases must be F32"),
+     ("v.blk.1.attn_q.bias", "F16", "norm weights and biases must be F32")],
+)  # fmt: skip
+def test_bad_tensor_types(tmp_path, name, type_name, message):
+    path = tmp_path / "m.gguf"
+    write_mmproj(path, type_overrides={name: type_name}, **SMALL)
+    with pytest.raises((FormatError, UnsupportedError), match=message):
+        VisionEncoder(path)
+
+
 def test_truncated_file(tmp_path):
     path = tmp_path / "m.gguf"
     write_mmproj(path, **SMALL)

@@ -96,14 +96,18 @@ def write_mmproj(
     max_pixels: int | None = 12845056,
     projector: str = PROJECTOR,
     skip_tensors: tuple[str, ...] = (),
+    key_overrides: dict | None = None,
+    type_overrides: dict | None = None,
     return_weights: bool = False,
 ) -> dict:
     """Write a random Qwen2.5-VL mmproj to `path`; returns {"path", "config", "tensors": {name: {"type", "ne"}}}
-    and with return_weights "weights": {name: float32 array (reversed ne)} as drawn before quantization.
+        and with return_weights "weights": {name: float32 array (reversed ne)} as drawn before quantization.
 
-    weight_type: "f32", "f16" or "q8_0" for the matrices. n_wa_pattern: full attention on layers with
-    (il + 1) % n_wa_pattern == 0, windows elsewhere; 0 = every layer full. min_pixels / max_pixels: None leaves
-    the key out. projector and skip_tensors exist to write broken files for the loader's error tests.
+        weight_type: "f32", "f16" or "q8_0" for the matrices. n_wa_pattern: full attention on layers with
+        (il + 1) % n_wa_pattern == 0, windows elsewhere; 0 = every layer full. min_pixels / max_pixels: None leaves
+        the key out. projector, skip_tensors and key_overrides ({key: value, or None to leave the key out}; a new key
+    is written as UINT32) and type_overrides ({tensor name: ggml type name}) exist to write broken files for the
+    loader's error tests.
     """
     wt = weight_type.upper()
     if wt not in ("F32", "F16", "Q8_0"):
@@ -114,33 +118,46 @@ def write_mmproj(
 
     wr = gguf.GGUFWriter(os.fspath(path), "clip")
     k, kv = gguf.Keys.Clip, gguf.Keys.ClipVision
-    wr.add_string("general.name", "turboprefill-synthetic-qwen2.5vl-mmproj")
-    wr.add_string(k.PROJECTOR_TYPE, projector)
-    wr.add_bool(k.HAS_VISION_ENCODER, True)
-    wr.add_bool(kv.USE_SILU, True)
-    wr.add_uint32(kv.IMAGE_SIZE, image_size)
-    wr.add_uint32(kv.PATCH_SIZE, PATCH)
-    wr.add_uint32(kv.EMBEDDING_LENGTH, n_embd)
-    wr.add_uint32(kv.FEED_FORWARD_LENGTH, n_ff)
-    wr.add_uint32(kv.PROJECTION_DIM, proj_dim)
-    wr.add_uint32(kv.BLOCK_COUNT, n_layer)
-    wr.add_uint32(kv.Attention.HEAD_COUNT, n_head)
-    wr.add_float32(kv.Attention.LAYERNORM_EPS, eps)
-    wr.add_array(kv.IMAGE_MEAN, list(IMAGE_MEAN))
-    wr.add_array(kv.IMAGE_STD, list(IMAGE_STD))
-    wr.add_uint32(kv.N_WA_PATTERN, n_wa_pattern)
-    wr.add_uint32(kv.SPATIAL_MERGE_SIZE, 2)
+    u32 = gguf.GGUFValueType.UINT32
+    keys: dict[str, tuple] = {  # key -> (value, gguf value type or None for an array of floats)
+        "general.name": ("turboprefill-synthetic-qwen2.5vl-mmproj", gguf.GGUFValueType.STRING),
+        k.PROJECTOR_TYPE: (projector, gguf.GGUFValueType.STRING),
+        k.HAS_VISION_ENCODER: (True, gguf.GGUFValueType.BOOL),
+        kv.USE_SILU: (True, gguf.GGUFValueType.BOOL),
+        kv.IMAGE_SIZE: (image_size, u32),
+        kv.PATCH_SIZE: (PATCH, u32),
+        kv.EMBEDDING_LENGTH: (n_embd, u32),
+        kv.FEED_FORWARD_LENGTH: (n_ff, u32),
+        kv.PROJECTION_DIM: (proj_dim, u32),
+        kv.BLOCK_COUNT: (n_layer, u32),
+        kv.Attention.HEAD_COUNT: (n_head, u32),
+        kv.Attention.LAYERNORM_EPS: (eps, gguf.GGUFValueType.FLOAT32),
+        kv.IMAGE_MEAN: (list(IMAGE_MEAN), None),
+        kv.IMAGE_STD: (list(IMAGE_STD), None),
+        kv.N_WA_PATTERN: (n_wa_pattern, u32),
+        kv.SPATIAL_MERGE_SIZE: (2, u32),
+    }
     if min_pixels is not None:
-        wr.add_uint32(kv.IMAGE_MIN_PIXELS, min_pixels)
+        keys[kv.IMAGE_MIN_PIXELS] = (min_pixels, u32)
     if max_pixels is not None:
-        wr.add_uint32(kv.IMAGE_MAX_PIXELS, max_pixels)
+        keys[kv.IMAGE_MAX_PIXELS] = (max_pixels, u32)
+    for key, value in (key_overrides or {}).items():
+        if value is None:
+            keys.pop(key, None)
+        else:
+            keys[key] = (value, keys[key][1] if key in keys else u32)
+    for key, (value, vtype) in keys.items():
+        if vtype is None:
+            wr.add_array(key, value)
+        else:
+            wr.add_key_value(key, value, vtype)
 
     tensors: dict[str, dict] = {}
     weights: dict[str, np.ndarray] = {}
     for name, ne in tensor_shapes(n_embd, n_layer, n_ff, proj_dim).items():
         if name in skip_tensors:
             continue
-        t = _type(name, ne, wt)
+        t = (type_overrides or {}).get(name) or _type(name, ne, wt)
         w = _draw(name, ne, seed)
         if t == "F32":
             wr.add_tensor(name, w)
