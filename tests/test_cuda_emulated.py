@@ -53,18 +53,8 @@ def build_emulated(arch: int) -> Path:
     if not (cmake and cxx and inc):
         pytest.skip("the CUDA emulation needs cmake, a C++ compiler and the CUDA headers (cuda_runtime.h)")
     build = _REPO / "build-emu" / f"sm{arch}"
-    cfg = [
-        cmake,
-        "-S",
-        str(_REPO),
-        "-B",
-        str(build),
-        "-DTP_CUDA=OFF",
-        "-DTP_CUDA_EMULATE=ON",
-        f"-DTP_EMU_ARCH={arch}",
-        "-DCMAKE_BUILD_TYPE=Release",
-        f"-DTP_CUDA_INCLUDE={inc}",
-    ]
+    cfg = [cmake, "-S", str(_REPO), "-B", str(build), "-DTP_CUDA=OFF", "-DTP_CUDA_EMULATE=ON",
+           f"-DTP_EMU_ARCH={arch}", "-DCMAKE_BUILD_TYPE=Release", f"-DTP_CUDA_INCLUDE={inc}"]
     env = {**os.environ, "TP_CUDA": "OFF"}
     for cmd in (cfg, [cmake, "--build", str(build), "-j", str(os.cpu_count() or 2)]):
         r = subprocess.run(cmd, cwd=_REPO, env=env, capture_output=True, text=True)
@@ -81,14 +71,14 @@ def emu_lib() -> Path:
 
 def run_emulated(lib: Path, args: list[str], timeout: int = 1200, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "TURBOPREFILL_LIB": str(lib), "TP_EMU_GPUS": "2", **env}
-    return subprocess.run(
-        [sys.executable, *args], cwd=_REPO, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, *args], cwd=_REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def run_gpu_tests(lib: Path, *extra: str, **env: str) -> dict[str, int]:
     """Runs the cuda-marked tests on the emulated GPUs; returns pytest's summary counts, failing on any error."""
-    r = run_emulated(lib, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", *_GPU_TESTS, *extra], **env)
+    r = run_emulated(lib, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", *_GPU_TESTS, *extra],
+                     **env)
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, tail
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|deselected)", r.stdout)}
