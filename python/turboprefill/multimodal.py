@@ -273,3 +273,67 @@ def chat_images(messages: Sequence[dict]) -> list[Any]:
                     raise ValueError(f"image_url {url[:40]!r}: only local paths and file:// URLs are read")
                 found.append(url)
     return found
+
+
+@dataclass
+class ImagePrompt:
+    """A prompt ready for Engine._prefill_mm: the layout, the image rows it points at, and what it cost."""
+
+    layout: Layout
+    rows: np.ndarray  # float32 [n_image_tokens, n_embd], all images in prompt order
+    images: list[PreparedImage]
+    prepare_seconds: float  # loading, resizing and normalizing (host)
+    encode_seconds: list[float]  # the vision tower, per image
+
+
+def prompt_tokens(engine: Any, prompt: Any) -> tuple[np.ndarray, list[Any]]:
+    """Token ids of a prompt and the images a chat names. `prompt`: token ids; a string (tokenized with
+    special tokens, so <|image_pad|> markup in it counts); or chat messages (rendered with the GGUF's chat
+    template, Qwen2-VL's when the file has none)."""
+    if isinstance(prompt, str):
+        return np.asarray(engine.tokenizer.encode(prompt, add_bos=True, special=True), np.int64), []
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+        template = engine.chat_template or QWEN2VL_CHAT_TEMPLATE
+        text = render_chat(template, prompt)
+        return np.asarray(engine.tokenizer.encode(text, add_bos=True, special=True), np.int64), chat_images(prompt)
+    arr = np.asarray(prompt)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError("prompt must be token ids, a string or a list of chat messages")
+    return arr.astype(np.int64), []
+
+
+def build_image_prompt(engine: Any, tokens: np.ndarray, images: Sequence[Any]) -> ImagePrompt:
+    """Encode the images with the engine's vision tower and lay the prompt out around them."""
+    import time
+
+    vision = engine.vision
+    if vision is None:
+        raise ValueError("images need the vision tower: create the Engine with mmproj=PATH (the mmproj GGUF "
+                         "that goes with the model)")
+    sections = engine.config.get("rope_sections") or [0, 0, 0, 0]
+    if not any(sections):
+        raise ValueError(f"{engine.path}: this model has no M-RoPE sections (no "
+                         f"{engine.config['architecture']}.rope.dimension_sections), so it cannot take images")
+    pad = engine.tokenizer.token_id(IMAGE_PAD)
+    if pad is None:
+        raise ValueError(f"the model's vocabulary has no {IMAGE_PAD} token to mark where an image goes")
+    info = vision.info
+    t0 = time.perf_counter()
+    prepared = [prepare_image(im, info["image_mean"], info["image_std"], info.get("min_pixels") or None,
+                              info.get("max_pixels") or None) for im in images]
+    prep_s = time.perf_counter() - t0
+    lay = layout(tokens, pad, [p.grid for p in prepared], start=engine.next_pos)
+    left = engine.config["n_ctx"] - engine.n_past
+    if lay.tokens.size > left:
+        from .errors import ContextOverflowError
+
+        n_img = sum(p.n_tokens for p in prepared)
+        raise ContextOverflowError(
+            f"the prompt needs {lay.tokens.size} positions ({n_img} of them for {len(prepared)} image(s)) but the "
+            f"context has {left} left (n_ctx {engine.config['n_ctx']}); pass a larger n_ctx or smaller images")
+    rows, secs = [], []
+    for p in prepared:
+        rows.append(vision.encode(p.pixels))
+        secs.append(vision.last_seconds)
+    out = np.concatenate(rows) if rows else np.zeros((0, engine.config["n_embd"]), np.float32)
+    return ImagePrompt(lay, np.ascontiguousarray(out, dtype=np.float32), prepared, prep_s, secs)
