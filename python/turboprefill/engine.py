@@ -50,6 +50,9 @@ class Trace:
     """Per-(stage, ubatch) timing of one prefill."""
 
     events: list[TraceEvent] = field(default_factory=list)
+    # The vision tower's runs before the prefill (image index, image tokens, start, end; seconds relative to
+    # the prefill's start, so negative): the image part of the time to first token.
+    vision: list[tuple[int, int, float, float]] = field(default_factory=list)
 
     @property
     def n_stages(self) -> int:
@@ -74,10 +77,16 @@ class Trace:
             }
             for e in self.events
         ]
+        evs += [
+            {"name": f"image {i}", "cat": "vision", "ph": "X", "pid": 0, "tid": -1, "ts": t0 * 1e6,
+             "dur": (t1 - t0) * 1e6, "args": {"image_tokens": n}}
+            for i, n, t0, t1 in self.vision
+        ]
         meta = [
             {"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}}
             for s in range(self.n_stages)
-        ]
+        ] + ([{"name": "thread_name", "ph": "M", "pid": 0, "tid": -1, "args": {"name": "vision"}}]
+             if self.vision else [])
         with open(path, "w") as f:
             json.dump({"traceEvents": meta + evs, "displayTimeUnit": "ms"}, f)
 
@@ -91,8 +100,11 @@ class Trace:
         for e in self.events:
             ax.barh(e.stage, (e.end - e.start) * 1e3, left=e.start * 1e3, color=cmap(e.ubatch % 20),
                     edgecolor="black", linewidth=0.3)
-        ax.set_yticks(range(self.n_stages))
-        ax.set_yticklabels([f"stage {s}" for s in range(self.n_stages)])
+        for i, _, t0, t1 in self.vision:  # the vision tower, on a row above the stages
+            ax.barh(-1, (t1 - t0) * 1e3, left=t0 * 1e3, color="lightgrey", edgecolor="black", linewidth=0.3)
+        rows = ([-1] if self.vision else []) + list(range(self.n_stages))
+        ax.set_yticks(rows)
+        ax.set_yticklabels((["vision"] if self.vision else []) + [f"stage {s}" for s in range(self.n_stages)])
         ax.invert_yaxis()
         ax.set_xlabel("time (ms)")
         ax.set_title(title or f"{self.n_ubatches} ubatches × {self.n_stages} stages")

@@ -337,3 +337,34 @@ def build_image_prompt(engine: Any, tokens: np.ndarray, images: Sequence[Any]) -
         secs.append(vision.last_seconds)
     out = np.concatenate(rows) if rows else np.zeros((0, engine.config["n_embd"]), np.float32)
     return ImagePrompt(lay, np.ascontiguousarray(out, dtype=np.float32), prepared, prep_s, secs)
+
+
+def prefill(engine: Any, prompt: Any, images: Sequence[Any] | None, all_logits: bool) -> Any:
+    """Engine.prefill for a prompt with images (or chat messages): tokens, images and positions laid out,
+    the vision tower run, then one prefill through the pipeline. The result's stats gain the image part:
+    image_tokens, image_prepare_seconds, image_encode_seconds (and _each), images (sizes and grids); the
+    trace gains the vision tower's run as `vision` events (before the prefill, so at negative times)."""
+    tokens, from_chat = prompt_tokens(engine, prompt)
+    imgs = list(images or []) + from_chat
+    if images and from_chat:
+        raise ValueError("images were given both in the chat messages and as images=; use one")
+    if not imgs:
+        if tokens.size and tokens.min() < 0:
+            raise ValueError("token ids must be >= 0")
+        return engine._prefill_mm(tokens.astype(np.int32), None, None, all_logits)
+    ip = build_image_prompt(engine, tokens, imgs)
+    res = engine._prefill_mm(ip.layout.tokens, ip.rows, ip.layout.positions, all_logits)
+    enc = float(sum(ip.encode_seconds))
+    res.stats.update({
+        "image_tokens": int(sum(p.n_tokens for p in ip.images)),
+        "image_prepare_seconds": ip.prepare_seconds,
+        "image_encode_seconds": enc,
+        "image_encode_seconds_each": list(ip.encode_seconds),
+        "images": [{"source": p.source_size, "resized": (p.pixels.shape[2], p.pixels.shape[1]), "grid": p.grid,
+                    "tokens": p.n_tokens} for p in ip.images],
+    })
+    t = -enc
+    for i, (p, s) in enumerate(zip(ip.images, ip.encode_seconds)):
+        res.trace.vision.append((i, p.n_tokens, t, t + s))
+        t += s
+    return res
