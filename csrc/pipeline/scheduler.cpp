@@ -120,7 +120,14 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
 
     void* t_start = timers.make();
     timers.steps.push_back({m, nt, t_start, nullptr});
-    st.compute(cfg_, w_, first, last, job.tokens + b, job.pos0 + b, nt, job.all_logits, last_ub, stop_);
+    UbatchInput ub;
+    ub.tokens = job.tokens + b;
+    ub.embd = job.embd;
+    ub.pos = job.pos ? job.pos + b : nullptr;
+    ub.pos_stride = job.n;
+    ub.pos0 = job.pos0 + b;
+    ub.n_tok = nt;
+    st.compute(cfg_, w_, first, last, ub, job.all_logits, last_ub, stop_);
     if (last && job.logits && (job.all_logits || last_ub)) {
       const int64_t rows = job.all_logits ? nt : 1;
       st.ops->to_host(job.logits + (job.all_logits ? b * cfg_.n_vocab : 0), st.logits, rows * cfg_.n_vocab);

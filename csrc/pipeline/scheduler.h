@@ -27,7 +27,9 @@ struct TraceEvent {
 };
 
 struct PrefillJob {
-  const int32_t* tokens = nullptr;
+  const int32_t* tokens = nullptr;  // [n]; entries < 0 name rows of embd (UbatchInput)
+  const float* embd = nullptr;      // host [*, n_embd] f32 embedding rows, or null
+  const int32_t* pos = nullptr;     // host [4, n] section-major rope position ids, or null (pos0 + i)
   int64_t n = 0;
   int64_t pos0 = 0;           // position of tokens[0] (tokens already in the sequence)
   bool all_logits = false;
