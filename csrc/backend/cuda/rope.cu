@@ -20,8 +20,8 @@ __global__ void rope_kernel(float* x, int64_t n_tok, int64_t n_heads, int64_t he
   const bool multi = mode == tp::RopeMode::Mrope || mode == tp::RopeMode::Vision;
   for (int k = threadIdx.x; k < half; k += blockDim.x) {
     int64_t j = k;
-    const int s = multi ? tp::rope_section(mode, sec.n, k, &j) : 0;
-    const double pos = double(ids ? int64_t(ids[s * n_tok + i]) : s == 3 ? 0 : pos0 + i);
+    const int sid = multi ? tp::rope_section(mode, sec.n, k, &j) : 0;
+    const double pos = double(ids ? int64_t(ids[sid * n_tok + i]) : sid == 3 ? 0 : pos0 + i);
     double theta_e = pos * pow(double(base), -2.0 * double(j) / double(n_rot));
     if (freq_factors) theta_e /= double(freq_factors[k]);
     double theta = __dmul_rn(double(freq_scale), theta_e);
