@@ -368,7 +368,7 @@ class Engine:
     def prefill(self, tokens: Sequence[int] | np.ndarray, all_logits: bool = False) -> PrefillResult:
         """Run the tokens after those already in the sequence; returns the last token's logits (or all)."""
         toks = _as_tokens(tokens)
-        return self._prefill_native(toks, None, None, all_logits)
+        return self._prefill_native(toks, None, None, all_logits, mm=False)
 
     def _prefill_mm(self, tokens: np.ndarray, embd: np.ndarray | None = None, pos: np.ndarray | None = None,
                     all_logits: bool = False) -> PrefillResult:
@@ -393,18 +393,18 @@ class Engine:
                              or pos.max() > np.iinfo(np.int32).max):
                 raise ValueError("pos must hold integers that fit in int32")
             pos = np.ascontiguousarray(pos, dtype=np.int32)
-        return self._prefill_native(toks, embd, pos, all_logits)
+        return self._prefill_native(toks, embd, pos, all_logits, mm=True)
 
     def _prefill_native(self, toks: np.ndarray, embd: np.ndarray | None, pos: np.ndarray | None,
-                        all_logits: bool) -> PrefillResult:
-        """The one native prefill path: tp_engine_prefill for tokens alone, tp_engine_prefill_mm otherwise."""
+                        all_logits: bool, mm: bool) -> PrefillResult:
+        """The one prefill path of prefill() (tp_engine_prefill) and _prefill_mm (tp_engine_prefill_mm)."""
         n = int(toks.size)
         n_vocab = self.config["n_vocab"]
         logits = np.empty((n, n_vocab) if all_logits else (n_vocab,), dtype=np.float32)
         h = self._handle()
         tok_p = ffi.cast("const int32_t *", ffi.from_buffer(toks))
         out_p = ffi.cast("float *", ffi.from_buffer(logits))
-        if embd is None and pos is None:
+        if not mm:
             def call():
                 return lib.tp_engine_prefill(h, tok_p, n, 1 if all_logits else 0, out_p, logits.size)
         else:
