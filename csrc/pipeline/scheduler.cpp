@@ -81,7 +81,8 @@ void Pipeline::cancel() {
   credit_->wake_all();
 }
 
-void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<TraceEvent>& trace) {
+void Pipeline::stage_loop(int s, const PrefillJob& job, const int32_t* ub_pos, double t0,
+                          std::vector<TraceEvent>& trace) {
   Stage& st = *stages_[size_t(s)];
   const int P = int(stages_.size());
   const bool first = s == 0, last = s == P - 1;
@@ -123,8 +124,7 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
     UbatchInput ub;
     ub.tokens = job.tokens + b;
     ub.embd = job.embd;
-    ub.pos = job.pos ? job.pos + b : nullptr;
-    ub.pos_stride = job.n;
+    ub.pos = ub_pos ? ub_pos + 4 * b : nullptr;
     ub.pos0 = job.pos0 + b;
     ub.n_tok = nt;
     st.compute(cfg_, w_, first, last, ub, job.all_logits, last_ub, stop_);
@@ -176,6 +176,16 @@ std::vector<TraceEvent> Pipeline::run(const PrefillJob& job_in) {
     if (job.bounds[m + 1] <= job.bounds[m] || job.bounds[m + 1] - job.bounds[m] > ubatch_)
       fail(TP_ERR_INTERNAL, "ubatch %d of the plan has %lld tokens; buffers hold 1..%lld", int(m),
            (long long)(job.bounds[m + 1] - job.bounds[m]), (long long)ubatch_);
+  // Position ids regrouped so that each ubatch's are one contiguous [4, nt] block: one copy per stage and ubatch.
+  std::vector<int32_t> ub_pos;
+  if (job.pos) {
+    ub_pos.resize(size_t(4 * job.n));
+    for (size_t m = 0; m + 1 < job.bounds.size(); ++m) {
+      const int64_t b = job.bounds[m], nt = job.bounds[m + 1] - b;
+      for (int64_t sec = 0; sec < 4; ++sec)
+        std::copy_n(job.pos + sec * job.n + b, nt, ub_pos.begin() + 4 * b + sec * nt);
+    }
+  }
   stop_.store(false);
   cancelled_.store(false);
   for (auto& r : rings_)
@@ -192,7 +202,7 @@ std::vector<TraceEvent> Pipeline::run(const PrefillJob& job_in) {
 
   auto body = [&](int s) {
     try {
-      stage_loop(s, job, t0, traces[size_t(s)]);
+      stage_loop(s, job, ub_pos.empty() ? nullptr : ub_pos.data(), t0, traces[size_t(s)]);
     } catch (...) {
       tp_status status = TP_ERR_INTERNAL;
       std::string msg;

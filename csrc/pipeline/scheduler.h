@@ -59,7 +59,8 @@ class Pipeline {
   static constexpr int kDefaultRingSlots = 2;
 
  private:
-  void stage_loop(int s, const PrefillJob& job, double t0, std::vector<TraceEvent>& trace);
+  // ub_pos: job.pos regrouped per ubatch (ubatch m's [4, nt] at 4 · bounds[m]), or null.
+  void stage_loop(int s, const PrefillJob& job, const int32_t* ub_pos, double t0, std::vector<TraceEvent>& trace);
 
   std::vector<std::unique_ptr<Stage>>& stages_;
   const ModelConfig& cfg_;

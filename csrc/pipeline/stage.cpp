@@ -12,7 +12,7 @@ void Stage::compute(const ModelConfig& c, const ModelWeights& w, bool first, boo
   const int32_t* pos = nullptr;
   if (in.pos) {
     if (!scratch.pos) fail(TP_ERR_INTERNAL, "position ids given to a stage without a position buffer");
-    for (int64_t s = 0; s < 4; ++s) ops->from_host_i32(scratch.pos + s * n_tok, in.pos + s * in.pos_stride, n_tok);
+    ops->from_host_i32(scratch.pos, in.pos, 4 * n_tok);
     pos = scratch.pos;
   }
   for (int64_t il = layer_begin; il < layer_end; ++il) {

@@ -15,13 +15,11 @@
 namespace tp {
 
 // One ubatch's inputs, host memory. Token i (of n_tok) is tokens[i] when >= 0, else row -1 - tokens[i] of embd
-// ([*, n_embd] f32). pos: null (rope positions pos0 + i) or token i's position id of section s at
-// pos[s * pos_stride + i] (the caller's section-major array of the whole prompt, offset to this ubatch).
+// ([*, n_embd] f32). pos: null (rope positions pos0 + i) or this ubatch's ids, section-major [4, n_tok].
 struct UbatchInput {
   const int32_t* tokens = nullptr;
   const float* embd = nullptr;
   const int32_t* pos = nullptr;
-  int64_t pos_stride = 0;
   int64_t pos0 = 0;  // KV index of the first token
   int64_t n_tok = 0;
 };
