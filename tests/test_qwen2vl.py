@@ -280,3 +280,13 @@ def test_bad_rope_sections_are_format_errors(tmp_path, sections, match):
     with pytest.raises(FormatError, match=match) as e:
         Engine(path)
     assert "rope.dimension_sections" in str(e.value)
+
+
+def test_info_and_config_show_the_sections(synthetic_model, capsys):
+    from turboprefill.cli import main
+
+    path = synthetic_model("qwen2vl")
+    assert main(["info", str(path)]) == 0
+    assert "M-RoPE: rotary pairs per position id (t, h, w, e) = [8, 12, 12, 0]" in capsys.readouterr().out
+    cfg = Engine(path, threads=1).config
+    assert cfg["architecture"] == "qwen2vl" and cfg["rope_sections"] == [8, 12, 12, 0] and cfg["next_pos"] == 0
