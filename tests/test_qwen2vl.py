@@ -290,3 +290,31 @@ def test_info_and_config_show_the_sections(synthetic_model, capsys):
     assert "M-RoPE: rotary pairs per position id (t, h, w, e) = [8, 12, 12, 0]" in capsys.readouterr().out
     cfg = Engine(path, threads=1).config
     assert cfg["architecture"] == "qwen2vl" and cfg["rope_sections"] == [8, 12, 12, 0] and cfg["next_pos"] == 0
+
+
+def test_version_1_state_loads_with_next_pos_at_n_past(synthetic_model, tmp_path):
+    """States written before next_pos existed (format 1: no next_pos field) still load, with next_pos = n_past,
+    which is what every model they could hold had."""
+    import struct
+
+    path = synthetic_model("llama")
+    eng = Engine(path, threads=1)
+    eng.prefill([1, 2, 3, 4, 5])
+    want = eng.prefill([6, 7], all_logits=True).logits
+    eng.reset()
+    eng.prefill([1, 2, 3, 4, 5])
+    v2 = tmp_path / "v2.tpkv"
+    eng.save_state(v2)
+    data = bytearray(v2.read_bytes())
+    version, header_bytes = struct.unpack_from("<II", data, 8)
+    n_stages = struct.unpack_from("<q", data, 48)[0]
+    at = 56 + 8 * n_stages + 8  # next_pos follows n_past
+    assert version == 2 and struct.unpack_from("<q", data, at)[0] == 5
+    del data[at:at + 8]
+    struct.pack_into("<II", data, 8, 1, header_bytes - 8)
+    v1 = tmp_path / "v1.tpkv"
+    v1.write_bytes(bytes(data))
+    fresh = Engine(path, threads=1)
+    fresh.load_state(v1)
+    assert fresh.n_past == fresh.config["next_pos"] == 5
+    assert np.array_equal(fresh.prefill([6, 7], all_logits=True).logits, want)
