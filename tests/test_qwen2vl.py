@@ -318,3 +318,26 @@ def test_version_1_state_loads_with_next_pos_at_n_past(synthetic_model, tmp_path
     fresh.load_state(v1)
     assert fresh.n_past == fresh.config["next_pos"] == 5
     assert np.array_equal(fresh.prefill([6, 7], all_logits=True).logits, want)
+
+
+@pytest.mark.parametrize("devices", ["cpu:0", "cpu:0,cpu:1"])
+def test_failed_image_prefill_leaves_the_sequence(synthetic_model, devices):
+    """A stage error inside an image prefill (here injected at layer 2) changes neither n_past nor next_pos,
+    and the sequence continues as if the call had not happened."""
+    from turboprefill import TurboPrefillError
+
+    path = synthetic_model("qwen2vl")
+    kw = SYNTHETIC["qwen2vl"][1]
+    toks, embd, pos, nxt = mm_prompt(np.random.default_rng(4), kw["n_vocab"], kw["n_embd"])
+    eng = Engine(path, devices=devices, threads=1, ubatch=6)
+    eng._prefill_mm(toks, embd, pos)
+    want = Engine(path, devices=devices, threads=1, ubatch=6)
+    want._prefill_mm(toks, embd, pos)
+    eng._inject_fault(2)
+    shifted = pos + (nxt - pos[0, 0])
+    with pytest.raises(TurboPrefillError, match="injected fault"):
+        eng._prefill_mm(toks, embd, shifted)
+    eng._inject_fault(-1)
+    assert eng.n_past == len(toks) and eng.config["next_pos"] == nxt
+    assert np.array_equal(eng.prefill([1, 2, 3], all_logits=True).logits,
+                          want.prefill([1, 2, 3], all_logits=True).logits)
