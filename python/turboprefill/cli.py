@@ -87,6 +87,9 @@ def _model_summary(arch: str, md: dict, tensors: list) -> list[str]:
         out.append(f"sliding window: {window} tokens on {where}")
     if any(t["name"].endswith("attn_sinks.weight") for t in tensors):
         out.append("attention sinks: yes (one learned logit per head)")
+    sections = md.get(f"{arch}.rope.dimension_sections")
+    if sections is not None:
+        out.append(f"M-RoPE: rotary pairs per position id (t, h, w, e) = {list(sections)}; images take 2-D positions")
     scaling = md.get(f"{arch}.rope.scaling.type")
     if scaling and scaling != "none":
         out.append(f"rope scaling: {scaling} ×{md.get(f'{arch}.rope.scaling.factor', '?')}")

@@ -335,6 +335,8 @@ class Engine:
             "n_swa_layers": info.n_swa_layers,
             "attn_sinks": bool(info.attn_sinks),
             "rope_scaling": ffi.string(info.rope_scaling).decode(),
+            "rope_sections": list(info.rope_sections),
+            "next_pos": info.next_pos,
             "devices": self.devices,
             "ubatch": self.ubatch,
             "ubatch_min_max": self.ubatch_bounds,
@@ -378,21 +380,55 @@ class Engine:
     def prefill(self, tokens: Sequence[int] | np.ndarray, all_logits: bool = False) -> PrefillResult:
         """Run the tokens after those already in the sequence; returns the last token's logits (or all)."""
         toks = _as_tokens(tokens)
+        return self._prefill_native(toks, None, None, all_logits, mm=False)
+
+    def _prefill_mm(self, tokens: np.ndarray, embd: np.ndarray | None = None, pos: np.ndarray | None = None,
+                    all_logits: bool = False) -> PrefillResult:
+        """Multimodal prefill (tp_engine_prefill_mm), for the image API built on it.
+
+        tokens: int32 [n]; entry i is a token id when >= 0, else row -1 - tokens[i] of embd.
+        embd: float32 [rows, n_embd] embedding rows (used as they are), or None.
+        pos: int32 [4, n] rope position ids (t, h, w, e) per entry, for M-RoPE models only; None: entry i
+            takes position config["next_pos"] + i. Afterwards next_pos is the largest t/h/w id + 1 (or more).
+        """
+        toks = _as_tokens(tokens)
+        n = int(toks.size)
+        if embd is not None:
+            embd = np.ascontiguousarray(embd, dtype=np.float32)
+            if embd.ndim != 2 or embd.shape[1] != self.config["n_embd"]:
+                raise ValueError(f"embd must have shape (rows, n_embd={self.config['n_embd']}), got {embd.shape}")
+        if pos is not None:
+            pos = np.asarray(pos)
+            if pos.shape != (4, n):
+                raise ValueError(f"pos must have shape (4, n={n}) (t, h, w, e ids per entry), got {pos.shape}")
+            if pos.size and (not np.issubdtype(pos.dtype, np.integer) or pos.min() < np.iinfo(np.int32).min
+                             or pos.max() > np.iinfo(np.int32).max):
+                raise ValueError("pos must hold integers that fit in int32")
+            pos = np.ascontiguousarray(pos, dtype=np.int32)
+        return self._prefill_native(toks, embd, pos, all_logits, mm=True)
+
+    def _prefill_native(self, toks: np.ndarray, embd: np.ndarray | None, pos: np.ndarray | None,
+                        all_logits: bool, mm: bool) -> PrefillResult:
+        """The one prefill path of prefill() (tp_engine_prefill) and _prefill_mm (tp_engine_prefill_mm)."""
         n = int(toks.size)
         n_vocab = self.config["n_vocab"]
         logits = np.empty((n, n_vocab) if all_logits else (n_vocab,), dtype=np.float32)
         h = self._handle()
+        tok_p = ffi.cast("const int32_t *", ffi.from_buffer(toks))
+        out_p = ffi.cast("float *", ffi.from_buffer(logits))
+        if not mm:
+            def call():
+                return lib.tp_engine_prefill(h, tok_p, n, 1 if all_logits else 0, out_p, logits.size)
+        else:
+            embd_p = ffi.NULL if embd is None else ffi.cast("const float *", ffi.from_buffer(embd))
+            pos_p = ffi.NULL if pos is None else ffi.cast("const int32_t *", ffi.from_buffer(pos))
+            rows = 0 if embd is None else int(embd.shape[0])
+
+            def call():
+                return lib.tp_engine_prefill_mm(h, tok_p, n, embd_p, rows, pos_p, 1 if all_logits else 0, out_p,
+                                                logits.size)
         with self._lock:
-            status, message = self._run_cancellable(
-                lambda: lib.tp_engine_prefill(
-                    h,
-                    ffi.cast("const int32_t *", ffi.from_buffer(toks)),
-                    n,
-                    1 if all_logits else 0,
-                    ffi.cast("float *", ffi.from_buffer(logits)),
-                    logits.size,
-                )
-            )
+            status, message = self._run_cancellable(call)
             check(status, message)
             seconds = ffi.new("double *")
             check(lib.tp_engine_last_seconds(h, seconds))

@@ -157,8 +157,16 @@ class CpuOps final : public Ops {
       for (int64_t j = 0; j < d; ++j) x[r * d + j] += bf[j];
   }
 
-  void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0, const RopeParams& p) override {
-    const int64_t half = p.n_rot / 2;
+  void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0, const RopeParams& p,
+            const int32_t* pos) override {
+    const bool multi = p.mode == RopeMode::Mrope || p.mode == RopeMode::Vision;
+    if (multi && p.sections[0] + p.sections[1] + p.sections[2] + p.sections[3] <= 0)
+      fail(TP_ERR_INTERNAL, "rope: multi-section mode with sections summing to 0");
+    if (p.mode == RopeMode::Vision && 2 * p.n_rot != head_dim)
+      fail(TP_ERR_INTERNAL, "rope: vision mode needs n_rot = head_dim / 2 (got %lld of %lld)", (long long)p.n_rot,
+           (long long)head_dim);
+    // Vision turns n_rot pairs (k, k + n_rot); the others n_rot/2 pairs, Neox/Mrope (k, k + n_rot/2).
+    const int64_t half = p.mode == RopeMode::Vision ? p.n_rot : p.n_rot / 2;
     // Per-op: the frequency powers once; per position: cos/sin once, shared by every head.
     std::vector<double> pw(size_t(half > 0 ? half : 1));
     for (int64_t k = 0; k < half; ++k) pw[size_t(k)] = std::pow(double(p.base), -2.0 * double(k) / double(p.n_rot));
@@ -166,9 +174,20 @@ class CpuOps final : public Ops {
       thread_local std::vector<float> cs;
       if (int64_t(cs.size()) < 2 * half) cs.resize(size_t(2 * half));
       for (int64_t i = b; i < e; ++i) {
-        const double pos = double(pos0 + i);
+        // Position id s of token i: section-major pos, or pos0 + i (0 for e) without it.
+        auto id = [&](int s) {
+          return double(pos ? int64_t(pos[s * n_tok + i]) : s == 3 ? 0 : pos0 + i);
+        };
+        const double pos_t = id(0);
         for (int64_t k = 0; k < half; ++k) {
-          double theta = pos * pw[size_t(k)];
+          double theta;
+          if (multi) {
+            int64_t j = k;
+            const int s = rope_section(p.mode, p.sections, k, &j);
+            theta = id(s) * pw[size_t(j)];
+          } else {
+            theta = pos_t * pw[size_t(k)];
+          }
           if (p.freq_factors) theta /= double(p.freq_factors[k]);
           const double th = rope_theta(theta, k, p);
           cs[size_t(2 * k)] = float(std::cos(th)) * p.yarn.mscale;
@@ -241,6 +260,10 @@ class CpuOps final : public Ops {
 
   void to_host(float* dst, const float* src, int64_t n) override { memcpy(dst, src, size_t(n) * sizeof(float)); }
   void copy(float* dst, const float* src, int64_t n) override { memcpy(dst, src, size_t(n) * sizeof(float)); }
+  void from_host(float* dst, const float* src, int64_t n) override { memcpy(dst, src, size_t(n) * sizeof(float)); }
+  void from_host_i32(int32_t* dst, const int32_t* src, int64_t n) override {
+    memcpy(dst, src, size_t(n) * sizeof(int32_t));
+  }
 
  private:
   ThreadPool pool_;
