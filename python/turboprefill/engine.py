@@ -194,6 +194,9 @@ class Engine:
         ubatch_min: int | None = None,
         ubatch_max: int | None = None,
         ubatch_cost: tuple[float, float] | None = None,
+        mmproj: str | os.PathLike | None = None,
+        vision_device: str | None = None,
+        vision_threads: int | None = None,
     ):
         from .models import resolve_model
 
@@ -261,6 +264,28 @@ class Engine:
         self.schedule = schedule
         self._tokenizer = None
         self._lock = threading.Lock()
+        self.vision = None
+        if mmproj is not None:
+            self._open_vision(mmproj, vision_device, vision_threads)
+
+    def _open_vision(self, mmproj, device: str | None, threads: int | None) -> None:
+        """The vision tower of mmproj on `device` (default: the first stage's device), checked against the
+        text model: its projection must have the text model's width."""
+        from .vision import VisionEncoder
+
+        if device is None:
+            first = self.devices.split(",")[0].strip()
+            device = "cuda:0" if first == "cuda" else first
+        try:
+            self.vision = VisionEncoder(mmproj, device=device, threads=int(threads or 0))
+        except Exception:
+            self.close()
+            raise
+        proj, n_embd = self.vision.info["proj_dim"], self.config["n_embd"]
+        if proj != n_embd:
+            self.close()
+            raise ValueError(f"{mmproj}: the vision tower projects to {proj} features but the text model "
+                             f"{self.path} has n_embd {n_embd}: this mmproj belongs to another model")
 
     def _auto_split(self, devices: str, threads, n_ctx, ubatch: int) -> list[int] | None:
         """Plan layer_split="auto" (split.py); None for one stage, which has nothing to split."""
@@ -288,6 +313,9 @@ class Engine:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
+        if getattr(self, "vision", None) is not None:
+            self.vision.close()
+            self.vision = None
         if self._h is not None:
             lib.tp_engine_free(self._h)
             self._h = None
@@ -377,10 +405,40 @@ class Engine:
         return self.tokenizer.decode(list(ids))
 
     # ---- compute -------------------------------------------------------------------------------------
-    def prefill(self, tokens: Sequence[int] | np.ndarray, all_logits: bool = False) -> PrefillResult:
-        """Run the tokens after those already in the sequence; returns the last token's logits (or all)."""
-        toks = _as_tokens(tokens)
-        return self._prefill_native(toks, None, None, all_logits, mm=False)
+    def prefill(self, tokens: Sequence[int] | np.ndarray | str | Sequence[dict], all_logits: bool = False,
+                images: Sequence | None = None) -> PrefillResult:
+        """Run a prompt after the tokens already in the sequence; returns the last token's logits (or all).
+
+        tokens: token ids; or, for the image path, a string (tokenized with special tokens) or chat messages
+        (rendered with the GGUF's chat template; image parts {"type": "image", "image": path | PIL | array}).
+        images: images for the prompt's image placeholders, in order (one <|image_pad|> run each); they need
+        an Engine created with mmproj=. With images the stats gain image_tokens, image_prepare_seconds,
+        image_encode_seconds and images, and the trace the vision tower's runs (multimodal.py)."""
+        if images is None and not isinstance(tokens, str) and not (
+                isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], dict)):
+            toks = _as_tokens(tokens)
+            return self._prefill_native(toks, None, None, all_logits, mm=False)
+        from . import multimodal
+
+        return multimodal.prefill(self, tokens, images, all_logits)
+
+    @property
+    def next_pos(self) -> int:
+        """Rope position of the next token: n_past, except after an image in an M-RoPE model (Qwen2-VL's rule:
+        the text after an image continues one past the largest position id the image used)."""
+        info = ffi.new("tp_model_info *")
+        check(lib.tp_engine_info(self._handle(), info))
+        return int(info.next_pos)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's tokenizer.chat_template, or None."""
+        if not hasattr(self, "_chat_template"):
+            from .ggufinfo import describe_gguf
+
+            t = describe_gguf(self.path)["metadata"].get("tokenizer.chat_template")
+            self._chat_template = t if isinstance(t, str) else None
+        return self._chat_template
 
     def _prefill_mm(self, tokens: np.ndarray, embd: np.ndarray | None = None, pos: np.ndarray | None = None,
                     all_logits: bool = False) -> PrefillResult:
@@ -510,9 +568,10 @@ class Engine:
         if self._h is not None:
             lib.tp_engine_cancel(self._h)
 
-    def generate(self, tokens: Sequence[int] | np.ndarray, max_new_tokens: int = 32,
-                 stop_at_eos: bool = True) -> list[int]:
-        """Greedy decoding built on prefill: returns the new token ids (the prompt is prefilled first)."""
+    def generate(self, tokens: Sequence[int] | np.ndarray | str | Sequence[dict], max_new_tokens: int = 32,
+                 stop_at_eos: bool = True, images: Sequence | None = None) -> list[int]:
+        """Greedy decoding built on prefill: returns the new token ids (the prompt, with its images if any,
+        is prefilled first; see prefill() for the prompt forms)."""
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         eos = None
@@ -524,7 +583,7 @@ class Engine:
         out: list[int] = []
         if max_new_tokens == 0:
             return out
-        res = self.prefill(tokens)
+        res = self.prefill(tokens, images=images)
         for _ in range(max_new_tokens):
             nxt = int(np.argmax(res.logits))
             out.append(nxt)

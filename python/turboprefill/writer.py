@@ -239,6 +239,7 @@ def write_model(
     expert_quant: str | None = None,
     rope_orig_ctx: int | None = None,
     rope_sections: tuple[int, ...] | None = None,
+    tokenizer=None,
 ) -> dict:
     """Write a random model to `path` and return what was written.
 
@@ -256,6 +257,8 @@ def write_model(
     qwen2vl (the text model of Qwen2-VL / Qwen2.5-VL: qwen2's tensors, M-RoPE): rope_sections, written as
     rope.dimension_sections (default default_rope_sections(head_dim); any list is written as given, to test
     the reader's checks).
+    tokenizer: a function (gguf writer, n_vocab) that writes the tokenizer keys (writer_vl.add_qwen_tokenizer:
+    a real byte-level BPE vocabulary and chat template); default: "no_vocab", which the engine never needs.
     alignment: None leaves general.alignment out (readers then use 32, as in real files); a power of two
     writes the key and aligns the data section and every tensor to it.
     Returns {"path", "config": {...}, "tensors": {name: {"type", "ne"}}, "file_type"} and, with
@@ -355,7 +358,7 @@ def write_model(
     if file_type is not None:
         wr.add_file_type(file_type)
     wr.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_tokenizer(wr, cfg.n_vocab)
+    (tokenizer or _write_tokenizer)(wr, cfg.n_vocab)
 
     tensors: dict[str, dict] = {}
     weights: dict[str, np.ndarray] = {}
