@@ -2,8 +2,8 @@
 tests/cuda_emu (CMake TP_CUDA_EMULATE=ON: kernels run as CPU fibers, the runtime's streams, events, peer
 copies and allocations are reimplemented over host memory; see tests/cuda_emu/emu.h for what it models and
 checks). Then every ``cuda``-marked test of test_cuda_ops.py, test_cuda_moe.py, test_cuda_matmul.py,
-test_cuda_engine.py and test_cuda_mrope.py runs against that library in a subprocess (TURBOPREFILL_LIB), with
-two emulated GPUs of compute capability 8.6, as does ``turboprefill selftest --quick``.
+test_cuda_engine.py, test_cuda_mrope.py and test_cuda_vision.py runs against that library in a subprocess
+(TURBOPREFILL_LIB), with two emulated GPUs of compute capability 8.6, as does ``turboprefill selftest --quick``.
 
 What this proves beyond the CPU tests: the CUDA kernels' indexing, tiling, shared memory, masks and mma.sync
 fragment layouts; launch configurations; the Ops glue; the pipeline's cross-GPU hand-off, whose streams
@@ -33,6 +33,7 @@ _GPU_TESTS = [
     "tests/test_cuda_matmul.py",
     "tests/test_cuda_engine.py",
     "tests/test_cuda_mrope.py",
+    "tests/test_cuda_vision.py",
 ]
 
 
@@ -53,8 +54,18 @@ def build_emulated(arch: int) -> Path:
     if not (cmake and cxx and inc):
         pytest.skip("the CUDA emulation needs cmake, a C++ compiler and the CUDA headers (cuda_runtime.h)")
     build = _REPO / "build-emu" / f"sm{arch}"
-    cfg = [cmake, "-S", str(_REPO), "-B", str(build), "-DTP_CUDA=OFF", "-DTP_CUDA_EMULATE=ON",
-           f"-DTP_EMU_ARCH={arch}", "-DCMAKE_BUILD_TYPE=Release", f"-DTP_CUDA_INCLUDE={inc}"]
+    cfg = [
+        cmake,
+        "-S",
+        str(_REPO),
+        "-B",
+        str(build),
+        "-DTP_CUDA=OFF",
+        "-DTP_CUDA_EMULATE=ON",
+        f"-DTP_EMU_ARCH={arch}",
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DTP_CUDA_INCLUDE={inc}",
+    ]
     env = {**os.environ, "TP_CUDA": "OFF"}
     for cmd in (cfg, [cmake, "--build", str(build), "-j", str(os.cpu_count() or 2)]):
         r = subprocess.run(cmd, cwd=_REPO, env=env, capture_output=True, text=True)
@@ -71,14 +82,14 @@ def emu_lib() -> Path:
 
 def run_emulated(lib: Path, args: list[str], timeout: int = 1200, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "TURBOPREFILL_LIB": str(lib), "TP_EMU_GPUS": "2", **env}
-    return subprocess.run([sys.executable, *args], cwd=_REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=_REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_gpu_tests(lib: Path, *extra: str, **env: str) -> dict[str, int]:
     """Runs the cuda-marked tests on the emulated GPUs; returns pytest's summary counts, failing on any error."""
-    r = run_emulated(lib, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", *_GPU_TESTS, *extra],
-                     **env)
+    r = run_emulated(lib, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", *_GPU_TESTS, *extra], **env)
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, tail
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|deselected)", r.stdout)}

@@ -108,6 +108,16 @@ class Ops {
   // Copy n floats between two buffers of this backend.
   virtual void copy(float* dst, const float* src, int64_t n) = 0;
 
+  // --- vision encoder (model/vision.cpp): non-causal attention over explicit q/k/v and a plain activation.
+  // Each query attends to the keys of its own segment only: token i in [seg[s], seg[s+1]) sees keys
+  // seg[s] .. seg[s+1] - 1 (seg: n_seg + 1 increasing bounds from 0 to n_tok, backend memory; one segment =
+  // full attention). softmax(q·k · kq_scale) · v per head; n_swa and sinks are unused, n_head_kv = n_head.
+  //                     q, k, v: [n_tok, n_head * head_dim]             out: [n_tok, n_head * head_dim]
+  virtual void attention_seg(float* out, const float* q, const float* k, const float* v, int64_t n_tok,
+                             const AttnParams& p, const int32_t* seg, int64_t n_seg) = 0;
+  // out = act(in): Silu or GeluTanh (ggml_gelu's tanh form)           all: [n] (out may alias in)
+  virtual void unary(float* out, const float* in, int64_t n, Activation act) = 0;
+
   // Make a weight resident in the backend's memory before its first use (cuda: one device copy per Ops,
   // found again by the tensor's host address). Default: nothing to do — the cpu reads the mapping.
   virtual void upload(const Tensor& t) {}

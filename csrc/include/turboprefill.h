@@ -224,6 +224,34 @@ TP_API tp_status tp_dequantize(int32_t type, const void* src, int64_t n, float* 
 TP_API tp_status tp_cpu_matmul(int32_t type, const void* w, int64_t rows, int64_t k, const float* x, int64_t n_tok,
                                float* y, int32_t threads);
 
+/* ---- vision encoder (Qwen2.5-VL mmproj, projector "qwen2.5vl_merger"; csrc/model/vision.h) ----------------
+ * An image is normalized f32 pixels [3, height, width] (channel-major: (pixel / 255 - image_mean[c]) /
+ * image_std[c]), height and width positive multiples of patch_size * merge_size (28), at most 9408 px a side
+ * and 65536 patches. The output has one row of proj_dim floats (the text model's n_embd) per merged 2x2
+ * patch, in raster order over the merged grid: (height / 28) * (width / 28) rows. */
+typedef struct tp_vision tp_vision;
+
+typedef struct tp_vision_info {
+  char projector[32];        /* clip.projector_type */
+  int64_t n_embd, n_layer, n_head, head_dim, n_ff;
+  int64_t patch_size, merge_size;
+  int64_t proj_dim;          /* output width = the text model's n_embd */
+  int64_t merger_dim;        /* hidden width of the merger MLP */
+  int64_t window_px;         /* window attention edge in pixels (112) */
+  int64_t n_wa_pattern;      /* layer il attends to the whole image when (il + 1) % n_wa_pattern == 0; 0: all */
+  int64_t image_size;
+  int64_t min_pixels, max_pixels;  /* the file's preprocessing bounds; 0 when it does not say */
+  float image_mean[3], image_std[3];
+} tp_vision_info;
+
+/* device: "cpu", "cpu:N", "cuda" or "cuda:N"; n_threads <= 0: one per core (cpu only). */
+TP_API tp_status tp_vision_create(const char* mmproj_path, const char* device, int32_t n_threads, tp_vision** out);
+TP_API tp_status tp_vision_info_get(const tp_vision* vision, tp_vision_info* out);
+/* out_len must be (height / 28) * (width / 28) * proj_dim; *seconds (may be null) = wall time of the encode. */
+TP_API tp_status tp_vision_encode(tp_vision* vision, const float* pixels, int64_t height, int64_t width, float* out,
+                                  int64_t out_len, double* seconds);
+TP_API void tp_vision_free(tp_vision* vision);
+
 #ifdef __cplusplus
 }
 #endif

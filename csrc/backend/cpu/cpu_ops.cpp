@@ -248,6 +248,13 @@ class CpuOps final : public Ops {
     cpu_moe_combine(pool_, out, y, weights, n_tok, k, dim);
   }
 
+  void attention_seg(float* out, const float* q, const float* k, const float* v, int64_t n_tok, const AttnParams& p,
+                     const int32_t* seg, int64_t n_seg) override {
+    cpu_attention_seg(pool_, out, q, k, v, n_tok, p, seg, n_seg);
+  }
+
+  void unary(float* out, const float* in, int64_t n, Activation act) override { cpu_unary(pool_, out, in, n, act); }
+
   RouterStats take_router_stats() override {
     const RouterStats s = router_stats_;
     router_stats_ = {0, 0};

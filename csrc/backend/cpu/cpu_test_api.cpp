@@ -51,4 +51,26 @@ TP_API int32_t tp_cpu_test_rope(float* x, int64_t n_tok, int64_t n_heads, int64_
   }
 }
 
+// ---- vision encoder ops (tests/test_vision.py) ---------------------------------------------------------------
+
+// q, k, v, out: [n_tok][n_head * head_dim]; seg: n_seg + 1 bounds. Returns 0.
+TP_API int32_t tp_cpu_test_attention_seg(float* out, const float* q, const float* k, const float* v, int64_t n_tok,
+                                         int32_t n_head, int32_t head_dim, float kq_scale, const int32_t* seg,
+                                         int64_t n_seg, int32_t threads) {
+  tp::AttnParams p{};
+  p.n_head = p.n_head_kv = n_head;
+  p.head_dim = head_dim;
+  p.kq_scale = kq_scale;
+  tp::ThreadPool pool(threads < 1 ? 1 : threads);
+  tp::cpu_attention_seg(pool, out, q, k, v, n_tok, p, seg, n_seg);
+  return 0;
+}
+
+// act: 0 Silu, 1 GeluTanh (tp::Activation). Returns 0.
+TP_API int32_t tp_cpu_test_unary(float* out, const float* in, int64_t n, int32_t act, int32_t threads) {
+  tp::ThreadPool pool(threads < 1 ? 1 : threads);
+  tp::cpu_unary(pool, out, in, n, tp::Activation(act));
+  return 0;
+}
+
 }  // extern "C"

@@ -141,6 +141,13 @@ void cpu_moe_matmul(ThreadPool& pool, MoeBuffers& buf, float* out, const Tensor&
 void cpu_moe_combine(ThreadPool& pool, float* out, const float* y, const float* weights, int64_t n_tok, int64_t k,
                      int64_t dim);
 
+// ---- vision encoder (vision_ops.cpp; contracts in backend/ops.h) -------------------------------------------
+
+// seg: host memory, n_seg + 1 bounds.
+void cpu_attention_seg(ThreadPool& pool, float* out, const float* q, const float* k, const float* v, int64_t n_tok,
+                       const AttnParams& p, const int32_t* seg, int64_t n_seg);
+void cpu_unary(ThreadPool& pool, float* out, const float* in, int64_t n, Activation act);
+
 // The instruction sets the kernels use on this machine, e.g. "int8:avx512-vnni f32:avx512f".
 const char* cpu_simd_level();
 

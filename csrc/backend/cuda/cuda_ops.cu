@@ -38,6 +38,7 @@
 
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/vision.cuh"
 #include "backend/cuda/matmul.cuh"
 #include "common.h"
 
@@ -287,6 +288,18 @@ class CudaOps final : public Ops {
   void glu(float* out, const float* gate, const float* up, int64_t n, Activation act) override {
     set_device();
     check(tp_glu_cuda(out, gate, up, n, act, stream_), "glu launch");
+  }
+
+  void attention_seg(float* out, const float* q, const float* k, const float* v, int64_t n_tok, const AttnParams& p,
+                     const int32_t* seg, int64_t n_seg) override {
+    set_device();
+    check(tp_attention_seg_cuda(out, q, k, v, n_tok, p.n_head, p.head_dim, p.kq_scale, seg, n_seg, stream_),
+          "attention_seg launch");
+  }
+
+  void unary(float* out, const float* in, int64_t n, Activation act) override {
+    set_device();
+    check(tp_unary_cuda(out, in, n, act, stream_), "unary launch");
   }
 
   void router_topk(int32_t* ids, float* weights, const float* logits, int64_t n_tok, int64_t n_expert,
