@@ -207,6 +207,8 @@ tp_status tp_engine_info(const tp_engine* engine, tp_model_info* out) {
   out->attn_sinks = c.attn_sinks ? 1 : 0;
   const char* scaling = c.yarn.ext_factor != 0.0f ? "yarn" : c.rope_freq_scale != 1.0f ? "linear" : "none";
   std::strncpy(out->rope_scaling, scaling, sizeof(out->rope_scaling) - 1);
+  for (int i = 0; i < 4; ++i) out->rope_sections[i] = c.rope_sections[i];
+  out->next_pos = e.next_pos();
   TP_GUARD_END
 }
 
@@ -223,6 +225,15 @@ tp_status tp_engine_prefill(tp_engine* engine, const int32_t* tokens, int64_t n,
   TP_GUARD_BEGIN
   if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_prefill: engine is NULL");
   engine->impl->prefill(tokens, n, all_logits != 0, logits, logits_len);
+  TP_GUARD_END
+}
+
+tp_status tp_engine_prefill_mm(tp_engine* engine, const int32_t* tokens, int64_t n, const float* embd,
+                               int64_t n_embd_rows, const int32_t* pos, int32_t all_logits, float* logits,
+                               int64_t logits_len) {
+  TP_GUARD_BEGIN
+  if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_prefill_mm: engine is NULL");
+  engine->impl->prefill_mm(tokens, n, embd, n_embd_rows, pos, all_logits != 0, logits, logits_len);
   TP_GUARD_END
 }
 

@@ -234,15 +234,34 @@ void Engine::place_stages(const EngineParams& p) {
 }
 
 void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* logits, int64_t logits_len) {
+  if (tokens)
+    for (int64_t i = 0; i < n; ++i)
+      if (tokens[i] < 0)  // prefill_mm would read a negative id as an embedding row
+        fail(TP_ERR_INVALID_ARGUMENT, "token id %d at position %lld is out of range [0, %lld)", tokens[i],
+             (long long)i, (long long)cfg_.n_vocab);
+  prefill_mm(tokens, n, nullptr, 0, nullptr, all_logits, logits, logits_len);
+}
+
+void Engine::prefill_mm(const int32_t* tokens, int64_t n, const float* embd, int64_t n_embd_rows, const int32_t* pos,
+                        bool all_logits, float* logits, int64_t logits_len) {
   std::unique_lock<std::mutex> lk(busy_, std::try_to_lock);
   if (!lk.owns_lock())
     fail(TP_ERR_INVALID_ARGUMENT, "the engine is already running a prefill (one call at a time per Engine)");
   if (n <= 0) fail(TP_ERR_INVALID_ARGUMENT, "prefill needs at least one token (got %lld)", (long long)n);
   if (!tokens) fail(TP_ERR_INVALID_ARGUMENT, "tokens is NULL");
-  for (int64_t i = 0; i < n; ++i)
-    if (tokens[i] < 0 || tokens[i] >= cfg_.n_vocab)
+  if (n_embd_rows < 0 || (n_embd_rows > 0 && !embd))
+    fail(TP_ERR_INVALID_ARGUMENT, "embd is NULL or n_embd_rows (%lld) < 0", (long long)n_embd_rows);
+  for (int64_t i = 0; i < n; ++i) {
+    if (tokens[i] >= cfg_.n_vocab)
       fail(TP_ERR_INVALID_ARGUMENT, "token id %d at position %lld is out of range [0, %lld)", tokens[i], (long long)i,
            (long long)cfg_.n_vocab);
+    if (tokens[i] < 0 && -1 - int64_t(tokens[i]) >= n_embd_rows)
+      fail(TP_ERR_INVALID_ARGUMENT, "entry %lld (%d) names embedding row %lld but embd has %lld rows (entries < 0 are "
+           "rows -1 - entry)", (long long)i, tokens[i], -1 - (long long)tokens[i], (long long)n_embd_rows);
+  }
+  if (pos && !cfg_.mrope())
+    fail(TP_ERR_INVALID_ARGUMENT, "explicit positions given but the model (%s) has no M-RoPE sections; pass pos=None",
+         cfg_.arch_name.c_str());
   if (n_past_ + n > n_ctx_)
     fail(TP_ERR_CONTEXT_OVERFLOW,
          "prompt of %lld tokens after %lld already in the sequence exceeds the context of %lld tokens; create the "
@@ -268,8 +287,27 @@ void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* l
     }
   }
 
+  // M-RoPE models always run on explicit ids: without the caller's, the plain ones from next_pos.
+  std::vector<int32_t> plain;
+  int64_t next_pos = n_past_ + n;
+  if (cfg_.mrope() && !pos) {
+    if (next_pos_ + n > INT32_MAX)
+      fail(TP_ERR_CONTEXT_OVERFLOW, "rope positions %lld.. of %lld tokens exceed int32", (long long)next_pos_,
+           (long long)n);
+    plain.assign(size_t(4 * n), 0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t s = 0; s < 3; ++s) plain[size_t(s * n + i)] = int32_t(next_pos_ + i);
+    pos = plain.data();
+    next_pos = next_pos_ + n;
+  } else if (pos) {
+    next_pos = next_pos_;
+    for (int64_t i = 0; i < 3 * n; ++i) next_pos = std::max(next_pos, int64_t(pos[i]) + 1);
+  }
+
   PrefillJob job;
   job.tokens = tokens;
+  job.embd = embd;
+  job.pos = pos;
   job.n = n;
   job.pos0 = n_past_;
   job.all_logits = all_logits;
@@ -286,6 +324,7 @@ void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* l
   trace_ = pipeline_->run(job);
   last_seconds_ = now_seconds() - t0;
   n_past_ += n;
+  next_pos_ = next_pos;
   router_stats_ = {0, 0};
   for (auto& st : stages_) {
     const Ops::RouterStats r = st->ops->take_router_stats();

@@ -45,10 +45,18 @@ class Engine {
   // Runs tokens after the n_past tokens already in the sequence. On failure or cancellation the sequence
   // is left as it was before the call.
   void prefill(const int32_t* tokens, int64_t n, bool all_logits, float* logits, int64_t logits_len);
+  // The same with embedding rows and explicit rope positions (multimodal prompts). Entry i is the token
+  // tokens[i] when >= 0, else row -1 - tokens[i] of embd (host, [n_embd_rows, n_embd] f32). pos: null, or
+  // host int32 [4, n] section-major (t, h, w, e; Ops::rope), accepted only by M-RoPE models. Without pos,
+  // token i's rope position is next_pos + i (t, h, w; e = 0). Afterwards next_pos advances by n, or with pos
+  // becomes max(next_pos, largest t/h/w id + 1) (Qwen2-VL: text after an image continues from there).
+  void prefill_mm(const int32_t* tokens, int64_t n, const float* embd, int64_t n_embd_rows, const int32_t* pos,
+                  bool all_logits, float* logits, int64_t logits_len);
   void reset() {
     std::unique_lock<std::mutex> lk(busy_, std::try_to_lock);
     if (!lk.owns_lock()) fail(TP_ERR_INVALID_ARGUMENT, "reset() while a prefill is running; cancel it first");
     n_past_ = 0;
+    next_pos_ = 0;
   }
   void cancel() { pipeline_->cancel(); }
   // Testing aid: compute fails when it reaches `layer` (-1: never).
@@ -67,6 +75,8 @@ class Engine {
   const GgufFile& file() const { return *file_; }
   int64_t n_ctx() const { return n_ctx_; }
   int64_t n_past() const { return n_past_; }
+  // Rope position of the next plain token: n_past, except after explicit M-RoPE positions (prefill_mm).
+  int64_t next_pos() const { return next_pos_; }
   const std::vector<std::unique_ptr<Stage>>& stages() const { return stages_; }
   const std::vector<TraceEvent>& trace() const { return trace_; }
   double last_seconds() const { return last_seconds_; }
@@ -83,6 +93,7 @@ class Engine {
   std::vector<std::unique_ptr<Stage>> stages_;
   int64_t n_ctx_ = 0;
   int64_t n_past_ = 0;
+  int64_t next_pos_ = 0;
   std::unique_ptr<Pipeline> pipeline_;
   std::mutex busy_;  // one prefill at a time
   std::vector<TraceEvent> trace_;

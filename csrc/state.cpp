@@ -7,6 +7,8 @@
 //   magic "TPKVSTAT" | u32 version | u32 header_bytes
 //   u64 model file size | u64 FNV-1a of the GGUF's bytes [0, data_offset) (header, metadata, tensor table)
 //   i64 n_layer | i64 kv_dim | i64 n_stages | i64 layers per stage [n_stages] | i64 n_past
+//   i64 next_pos (version 2: the rope position of the next plain token, which M-RoPE positions move ahead of
+//   n_past; a version 1 state, written before M-RoPE models were supported, is read with next_pos = n_past)
 //   char kv_type[8] ("f32": cpu stages keep f32; "f16": cuda stages keep f16)
 //   payload: for each stage, each stage-local layer: K then V, [n_past, kv_dim] f32 little-endian
 //   u64 FNV-1a of the payload (catches a corrupt file; truncation is caught by the size first)
@@ -29,7 +31,7 @@ namespace tp {
 namespace {
 
 constexpr char kMagic[8] = {'T', 'P', 'K', 'V', 'S', 'T', 'A', 'T'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;
 
 struct Fnv {
   uint64_t h = 1469598103934665603ull;
@@ -59,7 +61,7 @@ uint64_t model_header_hash(const GgufFile& f) {
 
 struct Header {
   uint64_t file_size = 0, model_hash = 0;
-  int64_t n_layer = 0, kv_dim = 0, n_past = 0;
+  int64_t n_layer = 0, kv_dim = 0, n_past = 0, next_pos = 0;
   std::vector<int64_t> split;
   char kv_type[8] = {};
 };
@@ -128,7 +130,7 @@ void Engine::save_state(const std::string& path) {
     File f(tmp, "wb", "save the state");
     f.write(kMagic, sizeof kMagic);
     f.put<uint32_t>(kVersion);
-    f.put<uint32_t>(uint32_t(sizeof(kMagic) + 8 + 16 + 24 + 8 * stages_.size() + 8 + 8));
+    f.put<uint32_t>(uint32_t(sizeof(kMagic) + 8 + 16 + 24 + 8 * stages_.size() + 8 + 8 + 8));
     f.put<uint64_t>(file_->file_size());
     f.put<uint64_t>(model_header_hash(*file_));
     f.put<int64_t>(cfg_.n_layer);
@@ -136,6 +138,7 @@ void Engine::save_state(const std::string& path) {
     f.put<int64_t>(int64_t(stages_.size()));
     for (const auto& st : stages_) f.put<int64_t>(st->n_layers());
     f.put<int64_t>(n);
+    f.put<int64_t>(next_pos_);
     char kt[8] = {};
     std::strncpy(kt, stage_kv_type(*stages_[0]), sizeof kt - 1);
     f.write(kt, sizeof kt);
@@ -166,8 +169,8 @@ void Engine::load_state(const std::string& path) {
     fail(TP_ERR_FORMAT, "%s is not a turboprefill state (bad magic); states are written by Engine.save_state()",
          path.c_str());
   const uint32_t version = f.get<uint32_t>();
-  if (version != kVersion)
-    fail(TP_ERR_UNSUPPORTED, "%s is a state of format version %u; this build reads version %u (save it again)",
+  if (version != 1 && version != kVersion)
+    fail(TP_ERR_UNSUPPORTED, "%s is a state of format version %u; this build reads versions 1 and %u (save it again)",
          path.c_str(), version, kVersion);
   f.get<uint32_t>();  // header size: lets a later version skip fields it adds
   Header hd;
@@ -180,6 +183,7 @@ void Engine::load_state(const std::string& path) {
                                                      (long long)n_stages);
   for (int64_t s = 0; s < n_stages; ++s) hd.split.push_back(f.get<int64_t>());
   hd.n_past = f.get<int64_t>();
+  hd.next_pos = version >= 2 ? f.get<int64_t>() : hd.n_past;
   f.read(hd.kv_type, sizeof hd.kv_type);
   hd.kv_type[7] = '\0';
 
@@ -205,6 +209,9 @@ void Engine::load_state(const std::string& path) {
   if (hd.n_past < 0 || hd.n_past > n_ctx_)
     fail(TP_ERR_CONTEXT_OVERFLOW, "%s holds %lld tokens but this engine's context is %lld; create it with n_ctx >= "
          "%lld", who, (long long)hd.n_past, (long long)n_ctx_, (long long)hd.n_past);
+  if (hd.next_pos < 0 || hd.next_pos > INT32_MAX || (!cfg_.mrope() && hd.next_pos != hd.n_past))
+    fail(TP_ERR_FORMAT, "%s: corrupt header (next_pos %lld with %lld tokens)", who, (long long)hd.next_pos,
+         (long long)hd.n_past);
   // Size check before reading: a truncated file fails here, without touching the current sequence.
   const uint64_t payload = uint64_t(cfg_.n_layer) * 2 * uint64_t(hd.n_past * hd.kv_dim) * sizeof(float);
   const long here = std::ftell(f.fp());
@@ -224,7 +231,7 @@ void Engine::load_state(const std::string& path) {
   if (f.get<uint64_t>() != h.h)
     fail(TP_ERR_FORMAT, "%s is corrupt (KV data checksum mismatch); save it again", who);
 
-  n_past_ = 0;  // until every stage holds the loaded cache
+  n_past_ = next_pos_ = 0;  // until every stage holds the loaded cache
   size_t off = 0;
   for (auto& st : stages_) {
     st->ops->kv_reserve(st->n_layers(), cfg_.kv_dim(), std::max<int64_t>(hd.n_past, 1));
@@ -232,6 +239,7 @@ void Engine::load_state(const std::string& path) {
       st->ops->kv_from_host(int(l), data.data() + off, data.data() + off + per, hd.n_past);
   }
   n_past_ = hd.n_past;
+  next_pos_ = hd.next_pos;
 }
 
 }  // namespace tp

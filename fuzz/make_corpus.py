@@ -86,7 +86,55 @@ def write_tokenizer_seed(path: Path, kind: str, pre: str) -> None:
     w.close()
 
 
+def write_image_seeds(d: Path) -> None:
+    """Small images in each format Pillow decodes for users (the image fuzzer mutates the encoded bytes)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for fmt, mode, ext in [("PNG", "RGB", "png"), ("PNG", "L", "grey.png"), ("PNG", "RGBA", "rgba.png"),
+                           ("JPEG", "RGB", "jpg"), ("GIF", "P", "gif"), ("BMP", "RGB", "bmp"),
+                           ("WEBP", "RGB", "webp"), ("TIFF", "RGB", "tiff")]:
+        b = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(b, format=fmt)
+        (d / f"seed.{ext}").write_bytes(b.getvalue())
+
+
+# Chat templates for the chat fuzzer: Qwen2-VL's (the one the engine falls back to) and the shapes of
+# other families' templates (ChatML, Llama 3 headers, Gemma turns with raise_exception on roles).
+CHAT_SEEDS = {
+    "qwen2vl": None,  # multimodal.QWEN2VL_CHAT_TEMPLATE
+    "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "llama3": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+              "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+    "gemma": "{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'model'] %}"
+             "{{ raise_exception('roles must be user/assistant') }}{% endif %}<start_of_turn>"
+             "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+             "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+}
+
+
+def write_chat_seeds(d: Path) -> None:
+    """FuzzedDataProvider input whose first part decodes to the template: a length, then UTF-8 text."""
+    from turboprefill.multimodal import QWEN2VL_CHAT_TEMPLATE
+
+    for name, t in CHAT_SEEDS.items():
+        text = (t or QWEN2VL_CHAT_TEMPLATE).encode()
+        # ConsumeIntInRange reads its bytes from the end; ConsumeUnicodeNoSurrogates starts with a byte that
+        # picks the width (bit 0 clear: ASCII bytes). The tail sets message count and shapes.
+        (d / f"{name}.bin").write_bytes(b"\x00" + text + b"\x01\x02\x00\x01" + len(text).to_bytes(2, "big"))
+
+
 def main() -> int:
+    for sub in ("image", "chat"):
+        (HERE / "corpus" / sub).mkdir(parents=True, exist_ok=True)
+    write_image_seeds(HERE / "corpus" / "image")
+    write_chat_seeds(HERE / "corpus" / "chat")
     gdir, tdir = HERE / "corpus" / "gguf", HERE / "corpus" / "tokenizer"
     gdir.mkdir(parents=True, exist_ok=True)
     tdir.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,8 @@ def gguf_metadata():
 # name -> (architecture, writer keyword arguments). Sizes are deliberately awkward: n_embd 96 is not a
 # multiple of 256 (Q4_K falls back to Q5_0, Q6_K to Q8_0), 1 or 2 KV heads exercise GQA, gemma3 has a
 # 16-token window over 7 layers (6 local, 1 global), llama has rope_freqs; gpt-oss has 8 experts (top-2) of
-# 96, a 16-token window on its even layers, sinks, YaRN and n_embd 160 (Q4_K experts fall back to Q5_0).
+# 96, a 16-token window on its even layers, sinks, YaRN and n_embd 160 (Q4_K experts fall back to Q5_0);
+# qwen2vl is qwen2 with M-RoPE: head_dim 64, sections [8, 12, 12, 0] (Qwen2.5-VL's proportions).
 SYNTHETIC = {
     "llama": ("llama", dict(n_embd=96, n_head=3, n_head_kv=1, n_ff=160, n_layer=4, n_vocab=300, rope_freqs=True)),
     "llama256": ("llama", dict(n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_layer=4, n_vocab=200)),
@@ -95,6 +96,7 @@ SYNTHETIC = {
                               sliding_window=16)),
     "gpt-oss": ("gpt-oss", dict(n_embd=160, n_head=4, n_head_kv=2, head_dim=64, n_ff=96, n_expert=8,
                                 n_expert_used=2, n_ff_exp=96, n_layer=4, n_vocab=200, sliding_window=16)),
+    "qwen2vl": ("qwen2vl", dict(n_embd=128, n_head=2, n_head_kv=1, n_ff=256, n_layer=4, n_vocab=150)),
 }
 
 

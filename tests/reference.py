@@ -1,4 +1,4 @@
-"""Float64 numpy reference forward of llama, qwen2, qwen3 and gemma3 — the oracle of every prefill test.
+"""Float64 numpy reference forward of llama, qwen2, qwen3, gemma3 and qwen2vl — the oracle of every prefill test.
 
 Owns nothing the engine uses: it reads a GGUF with the `gguf` package and dequantizes every tensor with
 `gguf.quants.dequantize` (code we did not write), then runs the forward pass of GGUF_SPEC §5 in float64,
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import gguf
 import numpy as np
 
-ROPE_NORM, ROPE_NEOX = "norm", "neox"
-_ROPE_MODE = {"llama": ROPE_NORM, "qwen2": ROPE_NEOX, "qwen3": ROPE_NEOX, "gemma3": ROPE_NEOX}
+ROPE_NORM, ROPE_NEOX, ROPE_MROPE = "norm", "neox", "mrope"
+_ROPE_MODE = {"llama": ROPE_NORM, "qwen2": ROPE_NEOX, "qwen3": ROPE_NEOX, "gemma3": ROPE_NEOX, "qwen2vl": ROPE_MROPE}
 _GEMMA3_SWA_PATTERN = 6  # layer il is local (sliding window) iff il % 6 < 5
 _GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
@@ -42,6 +42,7 @@ class RefConfig:
     rope_freq_scale: float  # 1 / linear scaling factor (gemma3: global layers only)
     rope_base_swa: float  # gemma3 local layers
     n_swa: int  # gemma3 sliding window (keys with q_pos - k_pos >= n_swa are hidden); 0 = none
+    rope_sections: tuple = ()  # qwen2vl: rotary pairs per position id (t, h, w, e)
 
     def is_local(self, il: int) -> bool:
         return self.n_swa > 0 and il % _GEMMA3_SWA_PATTERN < _GEMMA3_SWA_PATTERN - 1
@@ -80,6 +81,31 @@ def rope(
     out = x.copy()
     out[..., ia] = a * cos - b * sin
     out[..., ib] = a * sin + b * cos
+    return out
+
+
+def rope_multi(x: np.ndarray, pos4: np.ndarray, n_rot: int, base: float, sections, vision: bool) -> np.ndarray:
+    """Multi-section RoPE (Qwen2-VL's M-RoPE, and the vision encoder's 2-D rope). x [T, heads, D], pos4 [4, T]
+    position ids (t, h, w, e).
+
+    The rotary pairs are dealt out to the four ids in blocks: pair i belongs to block i mod Σsections, and
+    blocks [0, s_t) follow id t, the next s_h id h, then s_w id w, then s_e id e. M-RoPE (vision False) pairs
+    (x[i], x[i + n_rot/2]) for i < n_rot/2 with θ = pos·base^(−2i/n_rot), as plain NEOX rope; the vision
+    rope pairs (x[i], x[i + n_rot]) for i < n_rot (n_rot = D/2) and numbers the frequencies of each block
+    from 0, θ = pos·base^(−2(i − block start)/n_rot).
+    """
+    n_pairs = n_rot if vision else n_rot // 2
+    bounds = np.cumsum([0, *sections])  # block starts of t, h, w, e and the period
+    out = x.copy()
+    for i in range(n_pairs):
+        blk = i % int(bounds[4])
+        which = int(np.searchsorted(bounds[1:], blk, side="right"))  # 0 t, 1 h, 2 w, 3 e
+        j = blk - bounds[which] if vision else i
+        theta = pos4[which].astype(np.float64) * base ** (-2.0 * j / n_rot)  # [T]
+        c, s = np.cos(theta)[:, None], np.sin(theta)[:, None]
+        a, b = x[:, :, i], x[:, :, i + n_pairs]
+        out[:, :, i] = a * c - b * s
+        out[:, :, i + n_pairs] = a * s + b * c
     return out
 
 
@@ -149,8 +175,9 @@ class RefModel:
             return c.rope_base_swa, 1.0
         return c.rope_base, c.rope_freq_scale
 
-    def _layer(self, il: int, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> np.ndarray:
-        """One decoder layer. x [T, n_embd] at positions pos [T]; appends this chunk's K/V to the cache."""
+    def _layer(self, il: int, x: np.ndarray, pos: np.ndarray, cache: KVCache, rope_pos=None) -> np.ndarray:
+        """One decoder layer. x [T, n_embd] at positions pos [T]; appends this chunk's K/V to the cache.
+        rope_pos [4, T]: M-RoPE position ids (qwen2vl; None: t = h = w = pos, e = 0). Causality follows pos."""
         c, b = self.cfg, f"blk.{il}."
         W = lambda n: self.w[b + n]
         T, D = x.shape[0], c.head_dim
@@ -170,8 +197,13 @@ class RefModel:
             k = rms_norm(k, W("attn_k_norm.weight"), c.eps)
         base, freq_scale = self._rope_params(il)
         factors = self.w.get("rope_freqs.weight")  # llama 3.1+: θ_i divided by factor i
-        q = rope(q, pos, c.n_rot, base, freq_scale, c.rope_mode, factors)
-        k = rope(k, pos, c.n_rot, base, freq_scale, c.rope_mode, factors)
+        if c.rope_mode == ROPE_MROPE:
+            rp = rope_pos if rope_pos is not None else np.stack([pos, pos, pos, np.zeros_like(pos)])
+            q = rope_multi(q, rp, c.n_rot, base, c.rope_sections, vision=False)
+            k = rope_multi(k, rp, c.n_rot, base, c.rope_sections, vision=False)
+        else:
+            q = rope(q, pos, c.n_rot, base, freq_scale, c.rope_mode, factors)
+            k = rope(k, pos, c.n_rot, base, freq_scale, c.rope_mode, factors)
         if c.arch == "gemma3":
             q = q * (1.0 / math.sqrt(D))  # f_attention_scale on Q, then kq_scale = 1 (27B would differ)
             kq_scale = 1.0
@@ -248,6 +280,30 @@ class RefModel:
         logits = self.output(np.concatenate(outs) if all_logits else outs[-1])
         return logits if all_logits else logits[-1]
 
+    def forward_mm(self, tokens, embd=None, rope_pos=None, all_logits: bool = False,
+                   cache: KVCache | None = None) -> np.ndarray:
+        """A multimodal call after the tokens already in `cache` (a new cache when None; it is extended).
+
+        tokens [T]: an id when >= 0, else -1 - r for row r of embd [R, n_embd] (taken as it is: no embedding
+        scale). rope_pos [4, T]: M-RoPE ids (t, h, w, e), None for plain positions from the KV index.
+        Returns the last entry's logits [n_vocab] (or [T, n_vocab]).
+        """
+        tokens = np.asarray(tokens, dtype=np.int64)
+        cache = cache if cache is not None else self.new_cache()
+        pos = np.arange(len(cache.pos), len(cache.pos) + len(tokens))  # [T] KV indices
+        x = np.zeros((len(tokens), self.cfg.n_embd))
+        is_tok = tokens >= 0
+        if is_tok.any():
+            x[is_tok] = self.embed(tokens[is_tok])
+        if (~is_tok).any():
+            x[~is_tok] = np.asarray(embd, dtype=np.float64)[-1 - tokens[~is_tok]]
+        rp = None if rope_pos is None else np.asarray(rope_pos, dtype=np.int64)
+        for il in range(self.cfg.n_layer):
+            x = self._layer(il, x, pos, cache, rp)
+        cache.pos = np.concatenate([cache.pos, pos])
+        logits = self.output(x if all_logits else x[-1:])
+        return logits if all_logits else logits[-1]
+
     def forward(self, tokens, all_logits: bool = False, hidden: list | None = None) -> np.ndarray:
         """The whole prompt in one chunk: logits of the last token [n_vocab] (or [T, n_vocab])."""
         return self.forward_chunked(tokens, chunk=len(tokens), all_logits=all_logits, hidden=hidden)
@@ -295,6 +351,7 @@ def load_config(reader: gguf.GGUFReader) -> RefConfig:
         rope_freq_scale=1.0 / factor if factor else 1.0,
         rope_base_swa=float(a("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE)),
         n_swa=int(a("attention.sliding_window", 0)) if arch == "gemma3" else 0,
+        rope_sections=tuple(int(v) for v in a("rope.dimension_sections", [])),
     )
 
 

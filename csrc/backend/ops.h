@@ -18,12 +18,12 @@ namespace tp {
 
 struct RopeParams {
   RopeMode mode = RopeMode::Norm;
-  int64_t n_rot = 0;                    // rotated dims per head (pairs: n_rot/2)
+  int64_t n_rot = 0;                    // rotated dims per head (pairs: n_rot/2; Vision: n_rot pairs)
+  int32_t sections[4] = {0, 0, 0, 0};   // Mrope / Vision: pairs per position id t, h, w, e (model/config.h)
   float base = 10000.0f;
   float freq_scale = 1.0f;
   const float* freq_factors = nullptr;  // [n_rot/2] divisors (rope_freqs.weight) or null
   YarnParams yarn;                      // ext_factor 0: plain RoPE (model/config.h has the formula)
-  int sections[4] = {0, 0, 0, 0};       // Vision: pairs per position section (t, h, w, e), in that order
 };
 
 struct AttnParams {
@@ -57,11 +57,16 @@ class Ops {
   virtual void matmul(float* out, const Tensor& w, const float* in, int64_t n_tok) = 0;
   // x[r] += b                                                          x: [rows, b.cols]
   virtual void add_bias(float* x, const Tensor& b, int64_t rows) = 0;
-  // Rotate each head of x in place; token i sits at position pos0 + i.  x: [n_tok, n_heads, head_dim]
-  // Vision mode reads token i's four section positions from pos (backend memory, section-major [4, n_tok]:
-  // pos[i], pos[n_tok + i], pos[2 n_tok + i], pos[3 n_tok + i]) instead; pos0 is then unused.
-  virtual void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0,
-                    const RopeParams& p, const int32_t* pos = nullptr) = 0;
+  // Rotate each head of x in place.                                    x: [n_tok, n_heads, head_dim]
+  // pos null: token i sits at position pos0 + i (Mrope / Vision: pos0 + i in t, h and w, 0 in e).
+  // pos non-null (backend memory, section-major [4, n_tok]): token i's ids are t = pos[i], h = pos[n_tok + i],
+  // w = pos[2 n_tok + i], e = pos[3 n_tok + i]; Norm / Neox use t only, and pos0 is ignored.
+  // Mrope: Neox pairs (k, k + n_rot/2), pair k turned by the id and frequency rope_section() gives.
+  // Vision (the Qwen2.5-VL vision encoder): call with n_rot = head_dim / 2 and sections {d/4, d/4, d/4, d/4}
+  // for head_dim d; pairs (k, k + n_rot) for k in [0, n_rot), each section's frequencies restarting at
+  // base^0 (ggml's GGML_ROPE_TYPE_VISION). Every head_dim entry is rotated.
+  virtual void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0, const RopeParams& p,
+                    const int32_t* pos) = 0;
   // Store k, v ([n_tok, kv_dim]) for positions pos0.. of stage-local layer `layer`.
   virtual void kv_store(int layer, const float* k, const float* v, int64_t pos0, int64_t n_tok) = 0;
   // Causal attention of q ([n_tok, n_head, head_dim], positions pos0..) against the cached keys/values
@@ -96,7 +101,8 @@ class Ops {
   virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;
   // Copy n floats from backend memory to the host (blocking).
   virtual void to_host(float* dst, const float* src, int64_t n) = 0;
-  // Copy n floats / int32 from the host into backend memory (the host buffer may be reused on return).
+  // Copy n floats / int32 from host memory into backend memory, in order with this backend's other work
+  // (after the ops called before, before those called after). src may be reused once the call returns.
   virtual void from_host(float* dst, const float* src, int64_t n) = 0;
   virtual void from_host_i32(int32_t* dst, const int32_t* src, int64_t n) = 0;
   // Copy n floats between two buffers of this backend.

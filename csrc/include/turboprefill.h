@@ -107,6 +107,9 @@ typedef struct tp_model_info {
   int64_t n_swa_layers;  /* layers that use the sliding window */
   int32_t attn_sinks;    /* 1 when attention has per-head sink logits */
   char rope_scaling[16]; /* "none", "linear" or "yarn" */
+  int32_t rope_sections[4]; /* M-RoPE (qwen2vl): rotary pairs per position id t, h, w, e; all 0 otherwise */
+  int64_t next_pos;         /* rope position of the next plain token: n_past, except after tp_engine_prefill_mm
+                               with explicit M-RoPE positions */
 } tp_model_info;
 
 /* One (stage, ubatch) step of the last prefill; times in seconds since the prefill started. */
@@ -140,6 +143,18 @@ TP_API tp_status tp_engine_info(const tp_engine* engine, tp_model_info* out);
  * every token's logits (n * n_vocab floats, token-major) when all_logits != 0. May be NULL (no logits). */
 TP_API tp_status tp_engine_prefill(tp_engine* engine, const int32_t* tokens, int64_t n, int32_t all_logits,
                                    float* logits, int64_t logits_len);
+/* Multimodal prefill: like tp_engine_prefill, with embedding rows and explicit rope positions.
+ * Entry i is the token tokens[i] when tokens[i] >= 0, else row (-1 - tokens[i]) of embd (host, row-major
+ * [n_embd_rows, n_embd] f32, used as it is: no embedding scale); a row out of range is
+ * TP_ERR_INVALID_ARGUMENT. embd may be NULL when no entry is negative.
+ * pos: NULL, or host int32 [4 * n], section-major: pos[i] = t, pos[n + i] = h (row), pos[2n + i] = w (col),
+ * pos[3n + i] = e of entry i, for models with M-RoPE sections (qwen2vl; TP_ERR_INVALID_ARGUMENT otherwise).
+ * NULL: entry i takes the rope position next_pos + i (t, h and w; e = 0) and next_pos advances by n; with pos,
+ * next_pos becomes max(next_pos, largest t/h/w id + 1). Attention is causal by sequence order either way.
+ * Logits and failure semantics as tp_engine_prefill. */
+TP_API tp_status tp_engine_prefill_mm(tp_engine* engine, const int32_t* tokens, int64_t n, const float* embd,
+                                      int64_t n_embd_rows, const int32_t* pos, int32_t all_logits, float* logits,
+                                      int64_t logits_len);
 /* Forget the sequence: the next prefill starts at position 0. */
 TP_API tp_status tp_engine_reset(tp_engine* engine);
 /* Ask a running prefill to stop (any thread); it returns TP_ERR_CANCELLED and the sequence is reset. */
@@ -164,7 +179,7 @@ TP_API tp_status tp_engine_cost_defaults(const tp_engine* engine, double* cost_t
 
 /* Prefix cache. save_state writes the sequence's KV cache (every stage, positions 0..n_past) and the model's
  * identity (file size, hash of the GGUF header/metadata/tensor table, n_layer, kv_dim, layer split, n_past,
- * KV element type) to `path`. load_state replaces the engine's sequence with a saved one, so the next
+ * next_pos, KV element type) to `path`. load_state replaces the engine's sequence with a saved one, so the next
  * prefill continues after its tokens; a state of another model or layer split, or a corrupt or truncated
  * file, is an error (TP_ERR_INVALID_ARGUMENT / TP_ERR_FORMAT) that leaves the sequence as it was. */
 TP_API tp_status tp_engine_save_state(tp_engine* engine, const char* path);

@@ -45,6 +45,35 @@ YarnParams yarn_params(int64_t n_rot, int64_t n_ctx_orig, float base, float freq
   return y;
 }
 
+// rope.dimension_sections (llama.cpp reads it with get_key_or_arr: 4 integers, or one repeated): pairs per
+// position id. Sections past n_rot/2 pairs would never be reached, and an all-zero split has no sector, so
+// both are format errors.
+void read_rope_sections(const GgufFile& f, const std::string& key, ModelConfig& c) {
+  const GgufValue* v = f.find(key);
+  if (!v) fail(TP_ERR_FORMAT, "%s: missing required key '%s' (M-RoPE sections of a qwen2vl model)", f.path().c_str(),
+               key.c_str());
+  std::vector<int64_t> s;
+  if (v->is_array() && v->elem_type != GgufValueType::STRING && v->af.empty()) s = v->ai;
+  else if (v->is_int()) s.assign(4, v->i);
+  if (s.size() != 4)
+    fail(TP_ERR_FORMAT, "%s: key '%s' must be an array of 4 integers (t, h, w, e pairs), got %s of %lld entries",
+         f.path().c_str(), key.c_str(), v->is_array() ? "an array" : "a non-integer value",
+         (long long)(v->is_array() ? v->array_size() : 1));
+  int64_t sum = 0;
+  for (int64_t x : s) {
+    if (x < 0 || x > c.n_rot / 2)
+      fail(TP_ERR_FORMAT, "%s: key '%s' = [%lld, %lld, %lld, %lld] has an entry outside [0, n_rot/2 = %lld]",
+           f.path().c_str(), key.c_str(), (long long)s[0], (long long)s[1], (long long)s[2], (long long)s[3],
+           (long long)c.n_rot / 2);
+    sum += x;
+  }
+  if (sum <= 0 || sum > c.n_rot / 2)
+    fail(TP_ERR_FORMAT, "%s: key '%s' = [%lld, %lld, %lld, %lld] sums to %lld; it must be in [1, n_rot/2 = %lld]",
+         f.path().c_str(), key.c_str(), (long long)s[0], (long long)s[1], (long long)s[2], (long long)s[3],
+         (long long)sum, (long long)c.n_rot / 2);
+  for (int i = 0; i < 4; ++i) c.rope_sections[i] = int32_t(s[size_t(i)]);
+}
+
 }  // namespace
 
 ModelConfig load_config(const GgufFile& f) {
@@ -56,8 +85,10 @@ ModelConfig load_config(const GgufFile& f) {
   else if (a == "qwen3") c.arch = Arch::Qwen3;
   else if (a == "gemma3") c.arch = Arch::Gemma3;
   else if (a == "gpt-oss") c.arch = Arch::GptOss;
+  else if (a == "qwen2vl") c.arch = Arch::Qwen2VL;
   else
-    fail(TP_ERR_UNSUPPORTED, "%s: unsupported architecture '%s' (supported: llama, qwen2, qwen3, gemma3, gpt-oss)",
+    fail(TP_ERR_UNSUPPORTED,
+         "%s: unsupported architecture '%s' (supported: llama, qwen2, qwen3, gemma3, gpt-oss, qwen2vl)",
          f.path().c_str(), a.c_str());
 
   const std::string p = a + ".";
@@ -154,6 +185,11 @@ ModelConfig load_config(const GgufFile& f) {
     case Arch::Qwen2:
       c.rope_mode = RopeMode::Neox;
       c.qkv_bias = true;
+      break;
+    case Arch::Qwen2VL:
+      c.rope_mode = RopeMode::Mrope;
+      c.qkv_bias = true;
+      read_rope_sections(f, p + "rope.dimension_sections", c);
       break;
     case Arch::Qwen3:
       c.rope_mode = RopeMode::Neox;

@@ -9,15 +9,19 @@
 #include <string>
 #include <vector>
 
+#include "quant/types.h"  // TP_HD: rope_section is shared by the CPU backend and the CUDA kernel
+
 namespace tp {
 
 class GgufFile;
 
-enum class Arch { Llama, Qwen2, Qwen3, Gemma3, GptOss };
-// Norm: adjacent pairs (llama); Neox: half-offset pairs (HF rotate_half); Vision (Qwen2.5-VL's ViT, ggml's
-// GGML_ROPE_TYPE_VISION): pairs (k, k + n_rot) for k < n_rot = head_dim / 2, pair k turned by the position of
-// its section (RopeParams::sections) at frequency base^(-2j/n_rot), j = k's index inside that section.
-enum class RopeMode { Norm, Neox, Vision };
+enum class Arch { Llama, Qwen2, Qwen3, Gemma3, GptOss, Qwen2VL };
+// Norm: adjacent pairs (llama); Neox: half-offset pairs (k, k + n_rot/2) (HF rotate_half). The multi-section
+// modes take up to four position ids per token (t, h, w, e; ggml's rope_multi): Mrope (Qwen2-VL text,
+// GGML_ROPE_TYPE_MROPE) rotates Neox pairs; Vision (the Qwen2.5-VL vision encoder, GGML_ROPE_TYPE_VISION) is
+// called with n_rot = head_dim/2 and rotates pairs (k, k + n_rot) for k in [0, n_rot). rope_section says
+// which id and which frequency a pair takes.
+enum class RopeMode { Norm, Neox, Mrope, Vision };
 // SwigluOai (gpt-oss): g = min(g, 7), u = clamp(u, -7, 7), out = g·sigmoid(1.702·g)·(u + 1).
 enum class Activation { Silu, GeluTanh, SwigluOai };
 constexpr float kSwigluOaiAlpha = 1.702f, kSwigluOaiLimit = 7.0f;
@@ -31,6 +35,19 @@ struct YarnParams {
   float mscale = 1.0f;
   float corr_low = 0.0f, corr_high = 0.0f;  // pair indices where the ramp starts / ends
 };
+
+// Multi-section RoPE: pair k lies in sector c = k mod (s0+s1+s2+s3) (sum > 0). Sectors [0, s0) turn by
+// position id 0 (t), [s0, s0+s1) by id 1 (h), [s0+s1, s0+s1+s2) by id 2 (w), the rest by id 3 (e). The
+// angle is pos_id · base^(-2j/n_rot): Mrope keeps j = k; Vision restarts j at each section (j = c minus the
+// section's start: ggml's "independent sections"). Returns the id and sets *j.
+TP_HD int rope_section(RopeMode mode, const int32_t* sections, int64_t k, int64_t* j) {
+  const int64_t s0 = sections[0], s1 = s0 + sections[1], s2 = s1 + sections[2];
+  const int64_t c = k % (s2 + sections[3]);
+  const int id = c < s0 ? 0 : c < s1 ? 1 : c < s2 ? 2 : 3;
+  const int64_t start = id == 0 ? 0 : id == 1 ? s0 : id == 2 ? s1 : s2;
+  *j = mode == RopeMode::Vision ? c - start : k;
+  return id;
+}
 
 struct ModelConfig {
   std::string arch_name;  // general.architecture
@@ -56,6 +73,9 @@ struct ModelConfig {
   float rope_freq_scale_swa = 1.0f;
   bool has_rope_freqs = false;  // llama 3.1+: per-dimension divisors in rope_freqs.weight
   YarnParams yarn, yarn_swa;     // rope.scaling.type = yarn (gpt-oss), per base; else ext_factor 0
+  // qwen2vl: rope.dimension_sections, pairs per position id (t, h, w, e), summing to at most n_rot/2; rope_mode
+  // is then Mrope and each token carries four position ids. All 0 for single-position models.
+  int32_t rope_sections[4] = {0, 0, 0, 0};
 
   // Layer flags.
   bool qkv_bias = false;       // qwen2: bias after q/k/v projections
@@ -83,6 +103,7 @@ struct ModelConfig {
   int64_t kv_dim() const { return n_head_kv * head_dim; }
   int64_t v_dim() const { return n_head_kv * head_dim_v; }
   bool moe() const { return n_expert > 0; }
+  bool mrope() const { return rope_mode == RopeMode::Mrope; }
   // Widest FFN hidden activation of one token: n_ff, or the n_expert_used experts' n_ff_exp side by side.
   int64_t ff_width() const { return moe() && n_expert_used * n_ff_exp > n_ff ? n_expert_used * n_ff_exp : n_ff; }
 };

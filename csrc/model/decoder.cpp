@@ -17,6 +17,7 @@ LayerScratch LayerScratch::make(Ops& ops, const ModelConfig& c, int64_t cap) {
   s.gate = ops.alloc(cap * c.ff_width());
   s.up = ops.alloc(cap * c.ff_width());
   s.tmp = ops.alloc(cap * c.n_embd);
+  if (c.mrope()) s.pos = ops.alloc_i32(4 * cap);
   if (c.moe()) {
     s.router = ops.alloc(cap * c.n_expert);
     s.ids = ops.alloc_i32(cap * c.n_expert_used);
@@ -31,11 +32,26 @@ void embed_tokens(Ops& ops, const ModelConfig& c, const ModelWeights& w, const i
   ops.embed(x, w.tok_embd, tokens, n, scale);
 }
 
+void embed_inputs(Ops& ops, const ModelConfig& c, const ModelWeights& w, const int32_t* tokens, const float* embd,
+                  int64_t n, float* x) {
+  const int64_t E = c.n_embd;
+  for (int64_t b = 0, e; b < n; b = e) {
+    e = b + 1;
+    if (tokens[b] >= 0) {
+      while (e < n && tokens[e] >= 0) ++e;
+      embed_tokens(ops, c, w, tokens + b, e - b, x + b * E);
+    } else {
+      while (e < n && tokens[e] < 0 && tokens[e] == tokens[e - 1] - 1) ++e;  // rows r, r+1, ...: one copy
+      ops.from_host(x + b * E, embd + int64_t(-1 - tokens[b]) * E, (e - b) * E);
+    }
+  }
+}
+
 namespace {
 
 // x += Wo · attention(RoPE(Wq h), RoPE(Wk h), Wv h) with h = RMSNorm(x).
 void attention_block(Ops& ops, const ModelConfig& c, const ModelWeights& w, const LayerWeights& l, bool swa,
-                     int kv_layer, LayerScratch& s, float* x, int64_t pos0, int64_t n_tok) {
+                     int kv_layer, LayerScratch& s, float* x, int64_t pos0, int64_t n_tok, const int32_t* pos) {
   ops.rms_norm(s.h, x, l.attn_norm, n_tok, c.n_embd, c.norm_eps);
   ops.matmul(s.q, l.wq, s.h, n_tok);
   ops.matmul(s.k, l.wk, s.h, n_tok);
@@ -52,12 +68,13 @@ void attention_block(Ops& ops, const ModelConfig& c, const ModelWeights& w, cons
   RopeParams rp;
   rp.mode = c.rope_mode;
   rp.n_rot = c.n_rot;
+  for (int i = 0; i < 4; ++i) rp.sections[i] = c.rope_sections[i];
   rp.base = swa ? c.rope_base_swa : c.rope_base;
   rp.freq_scale = swa ? c.rope_freq_scale_swa : c.rope_freq_scale;
   rp.freq_factors = c.has_rope_freqs ? w.rope_freqs.f32() : nullptr;
   rp.yarn = swa ? c.yarn_swa : c.yarn;
-  ops.rope(s.q, n_tok, c.n_head, c.head_dim, pos0, rp);
-  ops.rope(s.k, n_tok, c.n_head_kv, c.head_dim, pos0, rp);
+  ops.rope(s.q, n_tok, c.n_head, c.head_dim, pos0, rp, pos);
+  ops.rope(s.k, n_tok, c.n_head_kv, c.head_dim, pos0, rp, pos);
 
   ops.kv_store(kv_layer, s.k, s.v, pos0, n_tok);
   AttnParams ap;
@@ -107,9 +124,9 @@ void ffn_moe(Ops& ops, const ModelConfig& c, const LayerWeights& l, LayerScratch
 }  // namespace
 
 void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_t il, int kv_layer,
-                   LayerScratch& s, float* x, int64_t pos0, int64_t n_tok) {
+                   LayerScratch& s, float* x, int64_t pos0, int64_t n_tok, const int32_t* pos) {
   const LayerWeights& l = w.layers[size_t(il)];
-  attention_block(ops, c, w, l, c.layer_swa[size_t(il)], kv_layer, s, x, pos0, n_tok);
+  attention_block(ops, c, w, l, c.layer_swa[size_t(il)], kv_layer, s, x, pos0, n_tok, pos);
   if (c.moe())
     ffn_moe(ops, c, l, s, x, n_tok);
   else

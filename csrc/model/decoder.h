@@ -21,6 +21,7 @@ struct LayerScratch {
   float* gate = nullptr;  // [cap, ff_width]  (MoE: [cap * n_expert_used, n_ff_exp])
   float* up = nullptr;    // [cap, ff_width]
   float* tmp = nullptr;   // [cap, n_embd]   projection output before the residual add
+  int32_t* pos = nullptr;  // [4, cap]       M-RoPE only: the ubatch's position ids, section-major (t, h, w, e)
   // MoE only (null for dense models):
   float* router = nullptr;    // [cap, n_expert]              router logits
   int32_t* ids = nullptr;     // [cap * n_expert_used]        chosen experts, slot t*k + j
@@ -33,11 +34,19 @@ struct LayerScratch {
 // x[i] = token_embd[tokens[i]] (× sqrt(n_embd) for gemma3).           x: [n, n_embd]
 void embed_tokens(Ops& ops, const ModelConfig& c, const ModelWeights& w, const int32_t* tokens, int64_t n, float* x);
 
-// One decoder layer in place on the residual stream x ([n_tok, n_embd], positions pos0..): the attention
+// Mixed input: x[i] = embed_tokens of tokens[i] when tokens[i] >= 0, else row -1 - tokens[i] of `embd` (host,
+// [*, n_embd] f32), copied as it is: like llama.cpp, embedding rows are never scaled. Runs of token ids are
+// embedded in one call and runs of consecutive rows copied in one, so an all-token input is embed_tokens.
+void embed_inputs(Ops& ops, const ModelConfig& c, const ModelWeights& w, const int32_t* tokens, const float* embd,
+                  int64_t n, float* x);
+
+// One decoder layer in place on the residual stream x ([n_tok, n_embd], KV positions pos0..): the attention
 // block, then the dense or the mixture-of-experts FFN block as ModelConfig says.
 // il: the model's layer index (selects weights, SWA and RoPE base); kv_layer: stage-local KV slot.
+// pos: the tokens' rope position ids (backend memory, section-major [4, n_tok]; Ops::rope) or null for
+// pos0 + i. Attention stays causal by KV index, whatever the rope positions.
 void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_t il, int kv_layer,
-                   LayerScratch& s, float* x, int64_t pos0, int64_t n_tok);
+                   LayerScratch& s, float* x, int64_t pos0, int64_t n_tok, const int32_t* pos);
 
 // logits[r] = output · RMSNorm(x[r]) · output_norm for the n_rows rows of x.   logits: [n_rows, n_vocab]
 // `normed` is scratch of [n_rows, n_embd].

@@ -81,7 +81,8 @@ void Pipeline::cancel() {
   credit_->wake_all();
 }
 
-void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<TraceEvent>& trace) {
+void Pipeline::stage_loop(int s, const PrefillJob& job, const int32_t* ub_pos, double t0,
+                          std::vector<TraceEvent>& trace) {
   Stage& st = *stages_[size_t(s)];
   const int P = int(stages_.size());
   const bool first = s == 0, last = s == P - 1;
@@ -120,7 +121,13 @@ void Pipeline::stage_loop(int s, const PrefillJob& job, double t0, std::vector<T
 
     void* t_start = timers.make();
     timers.steps.push_back({m, nt, t_start, nullptr});
-    st.compute(cfg_, w_, first, last, job.tokens + b, job.pos0 + b, nt, job.all_logits, last_ub, stop_);
+    UbatchInput ub;
+    ub.tokens = job.tokens + b;
+    ub.embd = job.embd;
+    ub.pos = ub_pos ? ub_pos + 4 * b : nullptr;
+    ub.pos0 = job.pos0 + b;
+    ub.n_tok = nt;
+    st.compute(cfg_, w_, first, last, ub, job.all_logits, last_ub, stop_);
     if (last && job.logits && (job.all_logits || last_ub)) {
       const int64_t rows = job.all_logits ? nt : 1;
       st.ops->to_host(job.logits + (job.all_logits ? b * cfg_.n_vocab : 0), st.logits, rows * cfg_.n_vocab);
@@ -169,6 +176,16 @@ std::vector<TraceEvent> Pipeline::run(const PrefillJob& job_in) {
     if (job.bounds[m + 1] <= job.bounds[m] || job.bounds[m + 1] - job.bounds[m] > ubatch_)
       fail(TP_ERR_INTERNAL, "ubatch %d of the plan has %lld tokens; buffers hold 1..%lld", int(m),
            (long long)(job.bounds[m + 1] - job.bounds[m]), (long long)ubatch_);
+  // Position ids regrouped so that each ubatch's are one contiguous [4, nt] block: one copy per stage and ubatch.
+  std::vector<int32_t> ub_pos;
+  if (job.pos) {
+    ub_pos.resize(size_t(4 * job.n));
+    for (size_t m = 0; m + 1 < job.bounds.size(); ++m) {
+      const int64_t b = job.bounds[m], nt = job.bounds[m + 1] - b;
+      for (int64_t sec = 0; sec < 4; ++sec)
+        std::copy_n(job.pos + sec * job.n + b, nt, ub_pos.begin() + 4 * b + sec * nt);
+    }
+  }
   stop_.store(false);
   cancelled_.store(false);
   for (auto& r : rings_)
@@ -185,7 +202,7 @@ std::vector<TraceEvent> Pipeline::run(const PrefillJob& job_in) {
 
   auto body = [&](int s) {
     try {
-      stage_loop(s, job, t0, traces[size_t(s)]);
+      stage_loop(s, job, ub_pos.empty() ? nullptr : ub_pos.data(), t0, traces[size_t(s)]);
     } catch (...) {
       tp_status status = TP_ERR_INTERNAL;
       std::string msg;

@@ -27,7 +27,9 @@ struct TraceEvent {
 };
 
 struct PrefillJob {
-  const int32_t* tokens = nullptr;
+  const int32_t* tokens = nullptr;  // [n]; entries < 0 name rows of embd (UbatchInput)
+  const float* embd = nullptr;      // host [*, n_embd] f32 embedding rows, or null
+  const int32_t* pos = nullptr;     // host [4, n] section-major rope position ids, or null (pos0 + i)
   int64_t n = 0;
   int64_t pos0 = 0;           // position of tokens[0] (tokens already in the sequence)
   bool all_logits = false;
@@ -57,7 +59,8 @@ class Pipeline {
   static constexpr int kDefaultRingSlots = 2;
 
  private:
-  void stage_loop(int s, const PrefillJob& job, double t0, std::vector<TraceEvent>& trace);
+  // ub_pos: job.pos regrouped per ubatch (ubatch m's [4, nt] at 4 · bounds[m]), or null.
+  void stage_loop(int s, const PrefillJob& job, const int32_t* ub_pos, double t0, std::vector<TraceEvent>& trace);
 
   std::vector<std::unique_ptr<Stage>>& stages_;
   const ModelConfig& cfg_;

@@ -14,6 +14,16 @@
 
 namespace tp {
 
+// One ubatch's inputs, host memory. Token i (of n_tok) is tokens[i] when >= 0, else row -1 - tokens[i] of embd
+// ([*, n_embd] f32). pos: null (rope positions pos0 + i) or this ubatch's ids, section-major [4, n_tok].
+struct UbatchInput {
+  const int32_t* tokens = nullptr;
+  const float* embd = nullptr;
+  const int32_t* pos = nullptr;
+  int64_t pos0 = 0;  // KV index of the first token
+  int64_t n_tok = 0;
+};
+
 struct Stage {
   int index = 0;
   std::string device;
@@ -29,11 +39,12 @@ struct Stage {
 
   int64_t n_layers() const { return layer_end - layer_begin; }
 
-  // Computes one ubatch in place on x (positions pos0..pos0+n_tok-1); the first stage embeds `tokens`
-  // first, the last stage leaves logits for all rows (all_rows) or the last row (last_row) in `logits`.
-  // Checks `stop` between layers and throws TP_ERR_CANCELLED when it is set.
-  void compute(const ModelConfig& c, const ModelWeights& w, bool first, bool last, const int32_t* tokens,
-               int64_t pos0, int64_t n_tok, bool all_rows, bool last_row, const std::atomic<bool>& stop);
+  // Computes one ubatch in place on x (KV positions pos0..pos0+n_tok-1); the first stage embeds the inputs
+  // first, every stage copies the position ids it needs into scratch.pos, the last stage leaves logits for
+  // all rows (all_rows) or the last row (last_row) in `logits`. Checks `stop` between layers and throws
+  // TP_ERR_CANCELLED when it is set.
+  void compute(const ModelConfig& c, const ModelWeights& w, bool first, bool last, const UbatchInput& in,
+               bool all_rows, bool last_row, const std::atomic<bool>& stop);
 };
 
 }  // namespace tp

@@ -87,6 +87,9 @@ def _model_summary(arch: str, md: dict, tensors: list) -> list[str]:
         out.append(f"sliding window: {window} tokens on {where}")
     if any(t["name"].endswith("attn_sinks.weight") for t in tensors):
         out.append("attention sinks: yes (one learned logit per head)")
+    sections = md.get(f"{arch}.rope.dimension_sections")
+    if sections is not None:
+        out.append(f"M-RoPE: rotary pairs per position id (t, h, w, e) = {list(sections)}; images take 2-D positions")
     scaling = md.get(f"{arch}.rope.scaling.type")
     if scaling and scaling != "none":
         out.append(f"rope scaling: {scaling} ×{md.get(f'{arch}.rope.scaling.factor', '?')}")
@@ -96,12 +99,24 @@ def _model_summary(arch: str, md: dict, tensors: list) -> list[str]:
 def _engine(a, schedule=None):
     from .engine import Engine
 
+    extra = {"mmproj": a.mmproj} if getattr(a, "mmproj", None) else {}
     return Engine(a.model, devices=a.devices, threads=a.threads, ubatch=a.ubatch,
-                  schedule=schedule or a.schedule, n_ctx=a.n_ctx)
+                  schedule=schedule or a.schedule, n_ctx=a.n_ctx, **extra)
 
 
 def cmd_prefill(a) -> int:
+    if a.prompt is None and a.tokens is None and not a.image:
+        print("turboprefill prefill: give --prompt, --tokens or --image", file=sys.stderr)
+        return 2
+    if a.image and a.tokens is not None:
+        print("turboprefill prefill: --image goes with --prompt (the question), not --tokens", file=sys.stderr)
+        return 2
+    if a.image and not a.mmproj:
+        print("turboprefill prefill: --image needs --mmproj (the vision tower's GGUF)", file=sys.stderr)
+        return 2
     eng = _engine(a)
+    if a.image:
+        return _prefill_image(eng, a)
     if a.prompt is not None:
         toks = eng.tokenize(a.prompt)
     else:
@@ -122,6 +137,41 @@ def cmd_prefill(a) -> int:
             print("continuation:", repr(eng.detokenize(new)))
     else:
         print("top-5 token ids:", [int(i) for i in top])
+    if a.trace:
+        res.trace.to_chrome_trace(a.trace)
+        print("trace written to", a.trace)
+    return 0
+
+
+def _prefill_image(eng, a) -> int:
+    """The VLM seed's measurement for the user's own image(s): image preparation, vision tower and text
+    prefill up to the first answer token, then the greedy answer and its speed."""
+    content = [{"type": "image", "image": p} for p in a.image]
+    content.append({"type": "text", "text": a.prompt if a.prompt is not None else "Describe this image."})
+    messages = [{"role": "user", "content": content}]
+    t0 = time.perf_counter()
+    res = eng.prefill(messages)
+    first = int(np.argmax(res.logits))
+    ttft = time.perf_counter() - t0
+    s = res.stats
+    for path, im, enc in zip(a.image, s["images"], s["image_encode_seconds_each"]):
+        print(f"image {path}: {im['source'][0]}×{im['source'][1]} -> {im['resized'][0]}×{im['resized'][1]} px, "
+              f"{im['grid'][0]}×{im['grid'][1]} = {im['tokens']} image tokens, vision encode {enc:.3f} s")
+    print(f"prefill: {s['tokens']} tokens ({s['image_tokens']} image) in {s['seconds']:.3f} s: "
+          f"{s['tokens_per_second']:.1f} tok/s ({s['stages']} stage(s), {s['ubatches']} ubatches, "
+          f"{eng.schedule}, bubble {100 * s['bubble_fraction']:.0f}%)")
+    print(f"time to first token: {ttft:.3f} s (image preparation {s['image_prepare_seconds']:.3f} s, vision "
+          f"{s['image_encode_seconds']:.3f} s, text prefill {s['seconds']:.3f} s)")
+    n_new = a.generate if a.generate else 32
+    eos = eng.tokenizer.eos_id
+    new = [first]
+    t1 = time.perf_counter()
+    while len(new) < n_new and new[-1] != eos:
+        new.append(int(np.argmax(eng.prefill([new[-1]]).logits)))
+    gen_s = time.perf_counter() - t1
+    print("answer:", repr(eng.detokenize(new)))
+    if len(new) > 1:
+        print(f"generation: {len(new) - 1} tokens after the first in {gen_s:.3f} s: {(len(new) - 1) / gen_s:.1f} tok/s")
     if a.trace:
         res.trace.to_chrome_trace(a.trace)
         print("trace written to", a.trace)
@@ -231,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
 
     pp = sub.add_parser("prefill", help="prefill a prompt and report speed (and the next tokens)")
     engine_args(pp)
-    g = pp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt", help="text to tokenize and prefill")
+    g = pp.add_mutually_exclusive_group()
+    g.add_argument("--prompt", help="text to tokenize and prefill (with --image: the question)")
     g.add_argument("--tokens", type=int, help="prefill N random tokens")
+    pp.add_argument("--image", action="append", help="an image to ask about (PNG/JPEG; repeat for more); "
+                   "needs --mmproj; the prompt is the model's chat template with the image(s) and --prompt")
+    pp.add_argument("--mmproj", help="the vision tower's GGUF (llama.cpp's mmproj) for --image")
     pp.add_argument("--schedule", default="pipelined", choices=["pipelined", "sequential"])
     pp.add_argument("--generate", type=int, default=0, help="greedy-decode N tokens after a --prompt")
     pp.add_argument("--seed", type=int, default=0)

@@ -50,6 +50,9 @@ class Trace:
     """Per-(stage, ubatch) timing of one prefill."""
 
     events: list[TraceEvent] = field(default_factory=list)
+    # The vision tower's runs before the prefill (image index, image tokens, start, end; seconds relative to
+    # the prefill's start, so negative): the image part of the time to first token.
+    vision: list[tuple[int, int, float, float]] = field(default_factory=list)
 
     @property
     def n_stages(self) -> int:
@@ -74,10 +77,16 @@ class Trace:
             }
             for e in self.events
         ]
+        evs += [
+            {"name": f"image {i}", "cat": "vision", "ph": "X", "pid": 0, "tid": -1, "ts": t0 * 1e6,
+             "dur": (t1 - t0) * 1e6, "args": {"image_tokens": n}}
+            for i, n, t0, t1 in self.vision
+        ]
         meta = [
             {"name": "thread_name", "ph": "M", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}}
             for s in range(self.n_stages)
-        ]
+        ] + ([{"name": "thread_name", "ph": "M", "pid": 0, "tid": -1, "args": {"name": "vision"}}]
+             if self.vision else [])
         with open(path, "w") as f:
             json.dump({"traceEvents": meta + evs, "displayTimeUnit": "ms"}, f)
 
@@ -91,8 +100,11 @@ class Trace:
         for e in self.events:
             ax.barh(e.stage, (e.end - e.start) * 1e3, left=e.start * 1e3, color=cmap(e.ubatch % 20),
                     edgecolor="black", linewidth=0.3)
-        ax.set_yticks(range(self.n_stages))
-        ax.set_yticklabels([f"stage {s}" for s in range(self.n_stages)])
+        for i, _, t0, t1 in self.vision:  # the vision tower, on a row above the stages
+            ax.barh(-1, (t1 - t0) * 1e3, left=t0 * 1e3, color="lightgrey", edgecolor="black", linewidth=0.3)
+        rows = ([-1] if self.vision else []) + list(range(self.n_stages))
+        ax.set_yticks(rows)
+        ax.set_yticklabels((["vision"] if self.vision else []) + [f"stage {s}" for s in range(self.n_stages)])
         ax.invert_yaxis()
         ax.set_xlabel("time (ms)")
         ax.set_title(title or f"{self.n_ubatches} ubatches × {self.n_stages} stages")
@@ -182,6 +194,9 @@ class Engine:
         ubatch_min: int | None = None,
         ubatch_max: int | None = None,
         ubatch_cost: tuple[float, float] | None = None,
+        mmproj: str | os.PathLike | None = None,
+        vision_device: str | None = None,
+        vision_threads: int | None = None,
     ):
         from .models import resolve_model
 
@@ -249,6 +264,28 @@ class Engine:
         self.schedule = schedule
         self._tokenizer = None
         self._lock = threading.Lock()
+        self.vision = None
+        if mmproj is not None:
+            self._open_vision(mmproj, vision_device, vision_threads)
+
+    def _open_vision(self, mmproj, device: str | None, threads: int | None) -> None:
+        """The vision tower of mmproj on `device` (default: the first stage's device), checked against the
+        text model: its projection must have the text model's width."""
+        from .vision import VisionEncoder
+
+        if device is None:
+            first = self.devices.split(",")[0].strip()
+            device = "cuda:0" if first == "cuda" else first
+        try:
+            self.vision = VisionEncoder(mmproj, device=device, threads=int(threads or 0))
+        except Exception:
+            self.close()
+            raise
+        proj, n_embd = self.vision.info["proj_dim"], self.config["n_embd"]
+        if proj != n_embd:
+            self.close()
+            raise ValueError(f"{mmproj}: the vision tower projects to {proj} features but the text model "
+                             f"{self.path} has n_embd {n_embd}: this mmproj belongs to another model")
 
     def _auto_split(self, devices: str, threads, n_ctx, ubatch: int) -> list[int] | None:
         """Plan layer_split="auto" (split.py); None for one stage, which has nothing to split."""
@@ -276,6 +313,9 @@ class Engine:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
+        if getattr(self, "vision", None) is not None:
+            self.vision.close()
+            self.vision = None
         if self._h is not None:
             lib.tp_engine_free(self._h)
             self._h = None
@@ -323,6 +363,8 @@ class Engine:
             "n_swa_layers": info.n_swa_layers,
             "attn_sinks": bool(info.attn_sinks),
             "rope_scaling": ffi.string(info.rope_scaling).decode(),
+            "rope_sections": list(info.rope_sections),
+            "next_pos": info.next_pos,
             "devices": self.devices,
             "ubatch": self.ubatch,
             "ubatch_min_max": self.ubatch_bounds,
@@ -363,24 +405,88 @@ class Engine:
         return self.tokenizer.decode(list(ids))
 
     # ---- compute -------------------------------------------------------------------------------------
-    def prefill(self, tokens: Sequence[int] | np.ndarray, all_logits: bool = False) -> PrefillResult:
-        """Run the tokens after those already in the sequence; returns the last token's logits (or all)."""
+    def prefill(self, tokens: Sequence[int] | np.ndarray | str | Sequence[dict], all_logits: bool = False,
+                images: Sequence | None = None) -> PrefillResult:
+        """Run a prompt after the tokens already in the sequence; returns the last token's logits (or all).
+
+        tokens: token ids; or, for the image path, a string (tokenized with special tokens) or chat messages
+        (rendered with the GGUF's chat template; image parts {"type": "image", "image": path | PIL | array}).
+        images: images for the prompt's image placeholders, in order (one <|image_pad|> run each); they need
+        an Engine created with mmproj=. With images the stats gain image_tokens, image_prepare_seconds,
+        image_encode_seconds and images, and the trace the vision tower's runs (multimodal.py)."""
+        if images is None and not isinstance(tokens, str) and not (
+                isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], dict)):
+            toks = _as_tokens(tokens)
+            return self._prefill_native(toks, None, None, all_logits, mm=False)
+        from . import multimodal
+
+        return multimodal.prefill(self, tokens, images, all_logits)
+
+    @property
+    def next_pos(self) -> int:
+        """Rope position of the next token: n_past, except after an image in an M-RoPE model (Qwen2-VL's rule:
+        the text after an image continues one past the largest position id the image used)."""
+        info = ffi.new("tp_model_info *")
+        check(lib.tp_engine_info(self._handle(), info))
+        return int(info.next_pos)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's tokenizer.chat_template, or None."""
+        if not hasattr(self, "_chat_template"):
+            from .ggufinfo import describe_gguf
+
+            t = describe_gguf(self.path)["metadata"].get("tokenizer.chat_template")
+            self._chat_template = t if isinstance(t, str) else None
+        return self._chat_template
+
+    def _prefill_mm(self, tokens: np.ndarray, embd: np.ndarray | None = None, pos: np.ndarray | None = None,
+                    all_logits: bool = False) -> PrefillResult:
+        """Multimodal prefill (tp_engine_prefill_mm), for the image API built on it.
+
+        tokens: int32 [n]; entry i is a token id when >= 0, else row -1 - tokens[i] of embd.
+        embd: float32 [rows, n_embd] embedding rows (used as they are), or None.
+        pos: int32 [4, n] rope position ids (t, h, w, e) per entry, for M-RoPE models only; None: entry i
+            takes position config["next_pos"] + i. Afterwards next_pos is the largest t/h/w id + 1 (or more).
+        """
         toks = _as_tokens(tokens)
+        n = int(toks.size)
+        if embd is not None:
+            embd = np.ascontiguousarray(embd, dtype=np.float32)
+            if embd.ndim != 2 or embd.shape[1] != self.config["n_embd"]:
+                raise ValueError(f"embd must have shape (rows, n_embd={self.config['n_embd']}), got {embd.shape}")
+        if pos is not None:
+            pos = np.asarray(pos)
+            if pos.shape != (4, n):
+                raise ValueError(f"pos must have shape (4, n={n}) (t, h, w, e ids per entry), got {pos.shape}")
+            if pos.size and (not np.issubdtype(pos.dtype, np.integer) or pos.min() < np.iinfo(np.int32).min
+                             or pos.max() > np.iinfo(np.int32).max):
+                raise ValueError("pos must hold integers that fit in int32")
+            pos = np.ascontiguousarray(pos, dtype=np.int32)
+        return self._prefill_native(toks, embd, pos, all_logits, mm=True)
+
+    def _prefill_native(self, toks: np.ndarray, embd: np.ndarray | None, pos: np.ndarray | None,
+                        all_logits: bool, mm: bool) -> PrefillResult:
+        """The one prefill path of prefill() (tp_engine_prefill) and _prefill_mm (tp_engine_prefill_mm)."""
         n = int(toks.size)
         n_vocab = self.config["n_vocab"]
         logits = np.empty((n, n_vocab) if all_logits else (n_vocab,), dtype=np.float32)
         h = self._handle()
+        tok_p = ffi.cast("const int32_t *", ffi.from_buffer(toks))
+        out_p = ffi.cast("float *", ffi.from_buffer(logits))
+        if not mm:
+            def call():
+                return lib.tp_engine_prefill(h, tok_p, n, 1 if all_logits else 0, out_p, logits.size)
+        else:
+            embd_p = ffi.NULL if embd is None else ffi.cast("const float *", ffi.from_buffer(embd))
+            pos_p = ffi.NULL if pos is None else ffi.cast("const int32_t *", ffi.from_buffer(pos))
+            rows = 0 if embd is None else int(embd.shape[0])
+
+            def call():
+                return lib.tp_engine_prefill_mm(h, tok_p, n, embd_p, rows, pos_p, 1 if all_logits else 0, out_p,
+                                                logits.size)
         with self._lock:
-            status, message = self._run_cancellable(
-                lambda: lib.tp_engine_prefill(
-                    h,
-                    ffi.cast("const int32_t *", ffi.from_buffer(toks)),
-                    n,
-                    1 if all_logits else 0,
-                    ffi.cast("float *", ffi.from_buffer(logits)),
-                    logits.size,
-                )
-            )
+            status, message = self._run_cancellable(call)
             check(status, message)
             seconds = ffi.new("double *")
             check(lib.tp_engine_last_seconds(h, seconds))
@@ -462,9 +568,10 @@ class Engine:
         if self._h is not None:
             lib.tp_engine_cancel(self._h)
 
-    def generate(self, tokens: Sequence[int] | np.ndarray, max_new_tokens: int = 32,
-                 stop_at_eos: bool = True) -> list[int]:
-        """Greedy decoding built on prefill: returns the new token ids (the prompt is prefilled first)."""
+    def generate(self, tokens: Sequence[int] | np.ndarray | str | Sequence[dict], max_new_tokens: int = 32,
+                 stop_at_eos: bool = True, images: Sequence | None = None) -> list[int]:
+        """Greedy decoding built on prefill: returns the new token ids (the prompt, with its images if any,
+        is prefilled first; see prefill() for the prompt forms)."""
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         eos = None
@@ -476,7 +583,7 @@ class Engine:
         out: list[int] = []
         if max_new_tokens == 0:
             return out
-        res = self.prefill(tokens)
+        res = self.prefill(tokens, images=images)
         for _ in range(max_new_tokens):
             nxt = int(np.argmax(res.logits))
             out.append(nxt)

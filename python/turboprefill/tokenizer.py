@@ -265,6 +265,7 @@ class Tokenizer:
         if len(self.token_types) != n:
             raise ValueError(f"tokenizer.ggml.token_type has {len(self.token_types)} entries, tokens has {n}")
         self.token_attrs: list[int] = _llama_cpp_attrs(self.tokens, self.token_types, md)
+        self._ids: dict[str, int] | None = None  # text -> id, built on first token_id()
 
         # Defaults are llama.cpp's when the GGUF leaves a key out.
         spm = self.model == "llama"
@@ -405,6 +406,14 @@ class Tokenizer:
     @property
     def n_vocab(self) -> int:
         return len(self.tokens)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the token whose text is exactly ``text`` (e.g. "<|image_pad|>"), or None."""
+        if self._ids is None:
+            self._ids = {}
+            for i, t in enumerate(self.tokens):
+                self._ids.setdefault(t, i)
+        return self._ids.get(text)
 
     def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of ``text``, as ``llama_tokenize(text, add_special=add_bos, parse_special=special)``.

@@ -1,4 +1,4 @@
-"""Synthetic GGUF models: random but well-scaled weights for llama, qwen2, qwen3, gemma3 and gpt-oss.
+"""Synthetic GGUF models: random but well-scaled weights for llama, qwen2, qwen3, gemma3, gpt-oss and qwen2vl.
 
 Owns three facts and nothing else: the tensor inventory of each architecture (names and GGUF shapes,
 GGUF_SPEC §5), the metadata keys the engine reads (§1.6), and llama.cpp's Q4_K_M type choice per tensor
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "gpt-oss")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "gpt-oss", "qwen2vl")
 
 # Bytes per block and elements per block (GGUF_SPEC §2.1) of the types the writer can emit.
 _BLOCK = {
@@ -44,8 +44,18 @@ _FILE_TYPE = {
 # llama.cpp's shape fallback (tensor_type_fallback) when ne0 is not a multiple of the 256 super-block.
 _K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
-_DEFAULT_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6, "gemma3": 1e-6, "gpt-oss": 1e-5}
-_DEFAULT_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6, "gemma3": 1e6, "gpt-oss": 150000.0}
+_DEFAULT_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6, "gemma3": 1e-6, "gpt-oss": 1e-5, "qwen2vl": 1e-6}
+_DEFAULT_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6, "gemma3": 1e6, "gpt-oss": 150000.0,
+                      "qwen2vl": 1e6}
+
+
+def default_rope_sections(head_dim: int) -> tuple[int, int, int, int]:
+    """M-RoPE sections in Qwen2.5-VL's proportions (head_dim 128: [16, 24, 24, 0] of 64 pairs): a quarter of
+    the head_dim/2 pairs for t, the rest split between h and w (head_dim 64: [8, 12, 12, 0])."""
+    pairs = head_dim // 2
+    t = pairs // 4
+    h = (pairs - t) // 2
+    return (t + (pairs - t - 2 * h), h, h, 0)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,8 @@ class SyntheticConfig:
     rope_scaling: str = "linear"  # how rope_scaling_factor applies: "linear" | "yarn"
     rope_orig_ctx: int = 0  # YaRN's original context length
     attn_sinks: bool = False  # per-head sink logits (attn_sinks.weight)
+    # qwen2vl only: rope.dimension_sections, rotary pairs per position id (t, h, w, e); () elsewhere
+    rope_sections: tuple[int, ...] = ()
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -226,6 +238,8 @@ def write_model(
     n_ff_exp: int | None = None,
     expert_quant: str | None = None,
     rope_orig_ctx: int | None = None,
+    rope_sections: tuple[int, ...] | None = None,
+    tokenizer=None,
 ) -> dict:
     """Write a random model to `path` and return what was written.
 
@@ -240,6 +254,11 @@ def write_model(
     rope_scaling_factor is YaRN's factor (default 32), head_dim defaults to 64, rope_freq_base to 150000.
     quant for gpt-oss also accepts "mxfp4": llama.cpp's MXFP4_MOE mix (experts MXFP4, other matrices Q8_0);
     writer_moe.tensor_type has the rules.
+    qwen2vl (the text model of Qwen2-VL / Qwen2.5-VL: qwen2's tensors, M-RoPE): rope_sections, written as
+    rope.dimension_sections (default default_rope_sections(head_dim); any list is written as given, to test
+    the reader's checks).
+    tokenizer: a function (gguf writer, n_vocab) that writes the tokenizer keys (writer_vl.add_qwen_tokenizer:
+    a real byte-level BPE vocabulary and chat template); default: "no_vocab", which the engine never needs.
     alignment: None leaves general.alignment out (readers then use 32, as in real files); a power of two
     writes the key and aligns the data section and every tensor to it.
     Returns {"path", "config": {...}, "tensors": {name: {"type", "ne"}}, "file_type"} and, with
@@ -291,7 +310,7 @@ def write_model(
         sliding_window=sliding_window,
         tied_embeddings=(arch == "gemma3") if tied_embeddings is None else tied_embeddings,
         rope_freqs=rope_freqs,
-        qkv_bias=arch in ("qwen2", "gpt-oss"),
+        qkv_bias=arch in ("qwen2", "gpt-oss", "qwen2vl"),
         qk_norm=arch in ("qwen3", "gemma3"),
         post_norms=arch == "gemma3",
         n_expert=n_expert if moe else 0,
@@ -300,7 +319,11 @@ def write_model(
         rope_scaling="yarn" if moe else "linear",
         rope_orig_ctx=(rope_orig_ctx or writer_moe.DEFAULTS["rope_orig_ctx"]) if moe else 0,
         attn_sinks=moe,
+        rope_sections=tuple(rope_sections if rope_sections is not None else default_rope_sections(head_dim))
+        if arch == "qwen2vl" else (),
     )
+    if rope_sections is not None and arch != "qwen2vl":
+        raise ValueError("write_model: rope_sections is a qwen2vl key")
     if moe and cfg.tied_embeddings:
         raise ValueError("write_model: gpt-oss has an untied output.weight")
 
@@ -329,11 +352,13 @@ def write_model(
         wr.add_rope_scaling_factor(cfg.rope_scaling_factor)
     if cfg.sliding_window:
         wr.add_sliding_window(cfg.sliding_window)
+    if cfg.rope_sections:
+        wr.add_rope_dimension_sections(list(cfg.rope_sections))  # int32 array, as llama.cpp's converter writes
     file_type = _FILE_TYPE.get(q)
     if file_type is not None:
         wr.add_file_type(file_type)
     wr.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _write_tokenizer(wr, cfg.n_vocab)
+    (tokenizer or _write_tokenizer)(wr, cfg.n_vocab)
 
     tensors: dict[str, dict] = {}
     weights: dict[str, np.ndarray] = {}

@@ -159,8 +159,14 @@ class CpuOps final : public Ops {
 
   void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0, const RopeParams& p,
             const int32_t* pos) override {
-    if (p.mode == RopeMode::Vision) return rope_vision(x, n_tok, n_heads, head_dim, p, pos);
-    const int64_t half = p.n_rot / 2;
+    const bool multi = p.mode == RopeMode::Mrope || p.mode == RopeMode::Vision;
+    if (multi && p.sections[0] + p.sections[1] + p.sections[2] + p.sections[3] <= 0)
+      fail(TP_ERR_INTERNAL, "rope: multi-section mode with sections summing to 0");
+    if (p.mode == RopeMode::Vision && 2 * p.n_rot != head_dim)
+      fail(TP_ERR_INTERNAL, "rope: vision mode needs n_rot = head_dim / 2 (got %lld of %lld)", (long long)p.n_rot,
+           (long long)head_dim);
+    // Vision turns n_rot pairs (k, k + n_rot); the others n_rot/2 pairs, Neox/Mrope (k, k + n_rot/2).
+    const int64_t half = p.mode == RopeMode::Vision ? p.n_rot : p.n_rot / 2;
     // Per-op: the frequency powers once; per position: cos/sin once, shared by every head.
     std::vector<double> pw(size_t(half > 0 ? half : 1));
     for (int64_t k = 0; k < half; ++k) pw[size_t(k)] = std::pow(double(p.base), -2.0 * double(k) / double(p.n_rot));
@@ -168,9 +174,20 @@ class CpuOps final : public Ops {
       thread_local std::vector<float> cs;
       if (int64_t(cs.size()) < 2 * half) cs.resize(size_t(2 * half));
       for (int64_t i = b; i < e; ++i) {
-        const double pos = double(pos0 + i);
+        // Position id s of token i: section-major pos, or pos0 + i (0 for e) without it.
+        auto id = [&](int s) {
+          return double(pos ? int64_t(pos[s * n_tok + i]) : s == 3 ? 0 : pos0 + i);
+        };
+        const double pos_t = id(0);
         for (int64_t k = 0; k < half; ++k) {
-          double theta = pos * pw[size_t(k)];
+          double theta;
+          if (multi) {
+            int64_t j = k;
+            const int s = rope_section(p.mode, p.sections, k, &j);
+            theta = id(s) * pw[size_t(j)];
+          } else {
+            theta = pos_t * pw[size_t(k)];
+          }
           if (p.freq_factors) theta /= double(p.freq_factors[k]);
           const double th = rope_theta(theta, k, p);
           cs[size_t(2 * k)] = float(std::cos(th)) * p.yarn.mscale;
@@ -185,44 +202,6 @@ class CpuOps final : public Ops {
             const float a = v[ia], bb = v[ib];
             v[ia] = a * c - bb * s;
             v[ib] = a * s + bb * c;
-          }
-        }
-      }
-    });
-  }
-
-  // Vision (config.h): pair k = (k, k + n_rot), angle pos_s · base^(-2j/n_rot) with s the section holding k
-  // (sections repeat every Σ sections pairs, as in ggml) and j its index there; angles in double.
-  void rope_vision(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, const RopeParams& p,
-                   const int32_t* pos) {
-    const int64_t n = p.n_rot, span = int64_t(p.sections[0]) + p.sections[1] + p.sections[2] + p.sections[3];
-    if (!pos || n <= 0 || 2 * n > head_dim || span <= 0)
-      fail(TP_ERR_INTERNAL, "rope (vision): needs positions, 0 < n_rot <= head_dim/2 and sections (n_rot %lld, "
-           "head_dim %lld)", (long long)n, (long long)head_dim);
-    std::vector<int> sec(static_cast<size_t>(n)), loc(static_cast<size_t>(n));
-    for (int64_t k = 0; k < n; ++k) {
-      int64_t r = k % span, s = 0;
-      while (s < 3 && r >= p.sections[s]) r -= p.sections[s++];
-      sec[size_t(k)] = int(s);
-      loc[size_t(k)] = int(r);
-    }
-    pool_.parallel_for(n_tok, 1, [&](int64_t b, int64_t e, int) {
-      thread_local std::vector<float> cs;
-      if (int64_t(cs.size()) < 2 * n) cs.resize(size_t(2 * n));
-      for (int64_t i = b; i < e; ++i) {
-        for (int64_t k = 0; k < n; ++k) {
-          const double th = double(pos[sec[size_t(k)] * n_tok + i]) *
-                            std::pow(double(p.base), -2.0 * double(loc[size_t(k)]) / double(n));
-          cs[size_t(2 * k)] = float(std::cos(th));
-          cs[size_t(2 * k + 1)] = float(std::sin(th));
-        }
-        for (int64_t h = 0; h < n_heads; ++h) {
-          float* v = x + (i * n_heads + h) * head_dim;
-          for (int64_t k = 0; k < n; ++k) {
-            const float c = cs[size_t(2 * k)], s = cs[size_t(2 * k + 1)];
-            const float a = v[k], bb = v[k + n];
-            v[k] = a * c - bb * s;
-            v[k + n] = a * s + bb * c;
           }
         }
       }

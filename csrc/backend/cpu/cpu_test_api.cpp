@@ -1,9 +1,11 @@
 // cpu_test_api.cpp — C entry points for tests/test_cpu_kernels.py only (declared in the test's own cffi
-// FFI, not in turboprefill.h): force a lower ISA for the int8 kernels, run the CPU attention kernel on
-// host arrays.
+// FFI, not in turboprefill.h): force a lower ISA for the int8 kernels, run the CPU attention kernel and the
+// CPU backend's rope on host arrays.
 #include <cstdint>
 
 #include "backend/cpu/kernels.h"
+#include "backend/ops.h"
+#include "common.h"
 #include "include/turboprefill.h"  // TP_API
 
 extern "C" {
@@ -30,6 +32,24 @@ TP_API int32_t tp_cpu_test_attention(float* out, const float* q, const float* K,
   return 0;
 }
 
+// Ops::rope of the CPU backend in place: mode as tp::RopeMode (0 Norm, 1 Neox, 2 Mrope, 3 Vision), sections
+// [4], pos: section-major [4, n_tok] or NULL for pos0 + i.                     x: [n_tok, n_heads, head_dim]
+// Returns 0, or the tp_status of the failure with tp_last_error() set.
+TP_API int32_t tp_cpu_test_rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0,
+                                const int32_t* pos, int32_t mode, const int32_t* sections, int64_t n_rot, float base,
+                                int32_t threads) {
+  try {
+    tp::RopeParams p;
+    p.mode = tp::RopeMode(mode);
+    p.n_rot = n_rot;
+    p.base = base;
+    for (int i = 0; i < 4; ++i) p.sections[i] = sections[i];
+    tp::make_cpu_ops(threads < 1 ? 1 : threads)->rope(x, n_tok, n_heads, head_dim, pos0, p, pos);
+    return 0;
+  } catch (...) {
+    return int32_t(tp::status_from_current_exception());
+  }
+}
 
 // ---- vision encoder ops (tests/test_vision.py) ---------------------------------------------------------------
 

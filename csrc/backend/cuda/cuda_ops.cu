@@ -250,15 +250,12 @@ class CudaOps final : public Ops {
   void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0, const RopeParams& p,
             const int32_t* pos) override {
     set_device();
-    if (p.mode == RopeMode::Vision) {
-      check(tp_rope_vision_cuda(x, n_tok, n_heads, head_dim, pos, p.n_rot, p.sections, p.base, stream_),
-            "rope (vision) launch");
-      return;
-    }
     const float* ff = nullptr;
     if (p.freq_factors)
       ff = static_cast<const float*>(device_copy(p.freq_factors, size_t(p.n_rot / 2) * sizeof(float), "rope_freqs"));
-    check(tp_rope_cuda(x, n_tok, n_heads, head_dim, pos0, p.mode, p.n_rot, p.base, p.freq_scale, ff, p.yarn, stream_),
+    const TpRopeSections sec{{p.sections[0], p.sections[1], p.sections[2], p.sections[3]}};
+    check(tp_rope_cuda(x, n_tok, n_heads, head_dim, pos0, pos, p.mode, sec, p.n_rot, p.base, p.freq_scale, ff, p.yarn,
+                       stream_),
           "rope launch");
   }
 
@@ -358,23 +355,23 @@ class CudaOps final : public Ops {
     check(tp_add_cuda(out, a, b, n, stream_), "add launch");
   }
 
-  void from_host(float* dst, const float* src, int64_t n) override {
-    set_device();
-    check(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(float), cudaMemcpyHostToDevice, stream_), "from_host copy");
-    check(cudaStreamSynchronize(stream_), "from_host (cudaStreamSynchronize)");
-  }
-
-  void from_host_i32(int32_t* dst, const int32_t* src, int64_t n) override {
-    set_device();
-    check(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
-          "from_host_i32 copy");
-    check(cudaStreamSynchronize(stream_), "from_host_i32 (cudaStreamSynchronize)");
-  }
-
   void to_host(float* dst, const float* src, int64_t n) override {
     set_device();
     check(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(float), cudaMemcpyDeviceToHost, stream_), "to_host copy");
     check(cudaStreamSynchronize(stream_), "to_host (cudaStreamSynchronize)");
+  }
+
+  // From pageable memory: the runtime copies src to a staging buffer before it returns (so the caller may
+  // reuse src at once) and the DMA runs in stream order. Only stage 0's embedding rows and the per-ubatch
+  // position ids take this path: a few KiB to a few MiB per ubatch.
+  void from_host(float* dst, const float* src, int64_t n) override {
+    set_device();
+    check(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(float), cudaMemcpyHostToDevice, stream_), "from_host copy");
+  }
+  void from_host_i32(int32_t* dst, const int32_t* src, int64_t n) override {
+    set_device();
+    check(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+          "from_host_i32 copy");
   }
 
   void copy(float* dst, const float* src, int64_t n) override {

@@ -26,18 +26,19 @@
 cudaError_t tp_rms_norm_cuda(float* out, const float* in, const float* w, int64_t rows, int64_t dim, float eps,
                              cudaStream_t stream);
 
-// In-place rotary embedding of every head of x ([n_tok, n_heads, head_dim]); token i sits at pos0 + i.
-// Pairs (a, b) are (2k, 2k+1) for Norm, (k, k + n_rot/2) for Neox; dims >= n_rot pass through.
-// freq_factors: [n_rot/2] divisors of the angles (device) or null. yarn: YaRN's blend and cos/sin scale
-// (model/config.h; ext_factor 0 is plain RoPE).
-cudaError_t tp_rope_cuda(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0,
-                         tp::RopeMode mode, int64_t n_rot, float base, float freq_scale, const float* freq_factors,
-                         tp::YarnParams yarn, cudaStream_t stream);
+// RopeParams::sections by value (a kernel parameter cannot be a bare array).
+struct TpRopeSections {
+  int32_t n[4];
+};
 
-// Vision rope (model/config.h RopeMode::Vision): pairs (k, k + n_rot), k < n_rot <= head_dim / 2, pair k turned
-// by pos[s * n_tok + i] · base^(-2j/n_rot), s its section and j its index there.  pos: [4, n_tok] int32 (device)
-cudaError_t tp_rope_vision_cuda(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, const int32_t* pos,
-                                int64_t n_rot, const int sections[4], float base, cudaStream_t stream);
+// In-place rotary embedding of every head of x ([n_tok, n_heads, head_dim]) as Ops::rope (backend/ops.h):
+// token i's position ids come from pos (device, section-major [4, n_tok]) or are pos0 + i (0 for e) when pos
+// is null. Pairs (a, b) are (2k, 2k+1) for Norm, (k, k + n_rot/2) for Neox and Mrope, (k, k + n_rot) for
+// Vision (n_rot = head_dim / 2); dims not in a pair pass through. freq_factors: [n_rot/2] divisors of the
+// angles (device) or null. yarn: YaRN's blend and cos/sin scale (model/config.h; ext_factor 0 is plain RoPE).
+cudaError_t tp_rope_cuda(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0,
+                         const int32_t* pos, tp::RopeMode mode, TpRopeSections sections, int64_t n_rot, float base,
+                         float freq_scale, const float* freq_factors, tp::YarnParams yarn, cudaStream_t stream);
 
 // out = act(gate) * up                                  all: [n] (out may alias gate or up); SwigluOai clamps
 // first (model/config.h)

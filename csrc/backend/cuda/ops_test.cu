@@ -144,8 +144,44 @@ TP_API tp_status tp_cuda_op_test_rope_yarn(int32_t device, float* x, int64_t n_t
   p.yarn.mscale = mscale;
   p.yarn.corr_low = corr_low;
   p.yarn.corr_high = corr_high;
-  g.ops->rope(d, n_tok, n_heads, head_dim, pos0, p);
+  g.ops->rope(d, n_tok, n_heads, head_dim, pos0, p, nullptr);
   g.ops->to_host(x, d, n);
+  TP_TEST_END
+}
+
+// Rope with position ids (Ops::rope's pos): mode as tp::RopeMode (0 Norm, 1 Neox, 2 Mrope, 3 Vision),
+// sections [4]; pos: host section-major [4, n_tok], or NULL for pos0 + i.   x: [n_tok, n_heads, head_dim]
+TP_API tp_status tp_cuda_op_test_rope_multi(int32_t device, float* x, int64_t n_tok, int64_t n_heads,
+                                            int64_t head_dim, int64_t pos0, const int32_t* pos, int32_t mode,
+                                            const int32_t* sections, int64_t n_rot, float base) {
+  TP_TEST_BEGIN
+  require(x && sections && n_tok > 0 && n_heads > 0 && head_dim > 0 && mode >= 0 && mode <= 3, "rope_multi");
+  Gpu g(device);
+  const int64_t n = n_tok * n_heads * head_dim;
+  float* d = g.put(x, n);
+  int32_t* dpos = nullptr;
+  if (pos) {
+    dpos = g.ops->alloc_i32(4 * n_tok);
+    g.ops->from_host_i32(dpos, pos, 4 * n_tok);
+  }
+  tp::RopeParams p;
+  p.mode = tp::RopeMode(mode);
+  p.n_rot = n_rot;
+  p.base = base;
+  for (int i = 0; i < 4; ++i) p.sections[i] = sections[i];
+  g.ops->rope(d, n_tok, n_heads, head_dim, pos0, p, dpos);
+  g.ops->to_host(x, d, n);
+  TP_TEST_END
+}
+
+// dst = src through Ops::from_host and to_host (n floats).
+TP_API tp_status tp_cuda_op_test_from_host(int32_t device, float* dst, const float* src, int64_t n) {
+  TP_TEST_BEGIN
+  require(dst && src && n > 0, "from_host");
+  Gpu g(device);
+  float* d = g.nan_buffer(n);
+  g.ops->from_host(d, src, n);
+  g.ops->to_host(dst, d, n);
   TP_TEST_END
 }
 
