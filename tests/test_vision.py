@@ -378,7 +378,7 @@ def llama_cpp_image_embd(text_path, mmproj_path, rgb: np.ndarray) -> np.ndarray:
     [("f32", 2, (140, 196), 0.9999), ("f16", 3, (252, 84), 0.9999), ("f32", 0, (224, 336), 0.9999),
      ("q8_0", 2, (224, 336), 0.999)],
 )  # fmt: skip
-def test_matches_llama_cpp(tmp_path, monkeypatch, weight_type, n_wa_pattern, hw, min_cos):
+def test_matches_llama_cpp(tmp_path, weight_type, n_wa_pattern, hw, min_cos):
     """The encoder, the reference and libmtmd (llama.cpp's own Qwen2.5-VL graph on the same file) agree; the
     reference with every layer full differs from libmtmd when the file has windows, so the comparison sees
     the window order. Measured: >= 0.9999996 for f32/f16 (llama.cpp's GELU is an f16 table), 0.99985 for q8_0
@@ -387,9 +387,9 @@ def test_matches_llama_cpp(tmp_path, monkeypatch, weight_type, n_wa_pattern, hw,
     from turboprefill import writer
     from turboprefill.writer_vision import IMAGE_MEAN, IMAGE_STD
 
-    monkeypatch.setattr(writer, "_write_tokenizer", _byte_bpe_tokenizer)
     text = tmp_path / "text.gguf"
-    writer.write_model(text, "qwen2", n_embd=SMALL["proj_dim"], n_layer=1, n_head=4, n_ff=128, quant="f32")
+    writer.write_model(text, "qwen2", n_embd=SMALL["proj_dim"], n_layer=1, n_head=4, n_ff=128, quant="f32",
+                       tokenizer=_byte_bpe_tokenizer)
     mm = tmp_path / "mmproj.gguf"
     write_mmproj(mm, weight_type=weight_type, n_wa_pattern=n_wa_pattern, seed=3, **SMALL)
     rgb = np.random.default_rng(hw[0] + hw[1]).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
