@@ -91,6 +91,15 @@ def test_windows_change_the_result(mmproj):
         np.testing.assert_allclose(e0.encode(one), e2.encode(one), rtol=0, atol=1e-5)
 
 
+def test_one_encoder_many_sizes(mmproj):
+    """Buffers grow with the image and are reused for smaller ones: every size still matches the reference."""
+    path, ref = mmproj("f32", 2)
+    with VisionEncoder(path, threads=2) as enc:
+        for h, w in [(28, 28), (56, 28), (84, 112), (56, 56), (140, 196), (28, 28)]:
+            px = image(h, w, seed=h + w)
+            assert cosines(enc.encode(px), R.encode(ref, px)).min() >= 0.9999
+
+
 def test_encode_is_deterministic_and_thread_independent(mmproj):
     path, _ = mmproj("q8_0", 2)
     px = image(168, 140, seed=5)

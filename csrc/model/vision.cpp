@@ -259,8 +259,11 @@ VisionModel::VisionModel(const std::string& mmproj_path, const std::string& devi
 
 VisionModel::~VisionModel() = default;
 
-void VisionModel::reserve(int64_t n) {
-  if (n <= cap_) return;
+void VisionModel::reserve(int64_t need) {
+  if (need <= cap_) return;
+  // Geometric growth (multiples of 4 patches, capped at the largest image): the outgrown buffers stay with the
+  // Ops until it is freed, so a run of ever larger images holds at most ~3x the largest one's buffers.
+  const int64_t n = std::min(kVisionMaxPatches, std::max(need, (cap_ + cap_ / 2 + 3) / 4 * 4));
   const ClipConfig& c = cfg_;
   const int64_t pix = 3 * c.patch_size * c.patch_size;
   x_ = ops_->alloc(n * c.n_embd);

@@ -95,7 +95,7 @@ class VisionModel {
   double encode(const float* pixels, int64_t h, int64_t w, float* out);
 
  private:
-  void reserve(int64_t n_patch);
+  void reserve(int64_t need);  // buffers for at least `need` patches
 
   std::unique_ptr<GgufFile> file_;
   ClipConfig cfg_;
