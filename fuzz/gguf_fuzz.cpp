@@ -6,7 +6,9 @@
 //      tokenizer read;
 //   2. tp_engine_create with one CPU stage, or two when the file has enough layers: GgufFile, load_config,
 //      load_weights, stage placement (layer split, weight views, scratch buffers sized from the file's
-//      dimensions), then tp_engine_info.
+//      dimensions), then tp_engine_info;
+//   3. tp_vision_create on the CPU (the mmproj loader: clip keys, vision weights, the encoder's Ops), then
+//      tp_vision_info_get — every file goes through both loaders, as a user may pass either path.
 // A hostile file must end in a status the user can act on: FORMAT, UNSUPPORTED, IO or OUT_OF_MEMORY (the
 // latter for dimensions that are consistent but too large for this machine). INTERNAL means an exception
 // escaped as a bug, so it aborts like a sanitizer report would; so does any other status.
@@ -72,6 +74,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   p.threads = 1;
   p.ubatch = 4;
   p.devices = "cpu";
+  tp_vision* vis = nullptr;
+  if (tp_vision_create(path.c_str(), "cpu", 1, &vis) == TP_OK) {
+    tp_vision_info vinfo;
+    expect_clean(tp_vision_info_get(vis, &vinfo), "tp_vision_info_get");
+    tp_vision_free(vis);
+  } else {
+    expect_clean(tp_vision_create(path.c_str(), "cpu", 1, &vis), "tp_vision_create");
+  }
+
   tp_engine* eng = nullptr;
   tp_status st = tp_engine_create(&p, &eng);
   expect_clean(st, "tp_engine_create(cpu)");

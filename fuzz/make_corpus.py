@@ -34,6 +34,12 @@ GGUF_SEEDS = {
     "qwen3-q4_0": ("qwen3", dict(TINY, quant="q4_0", head_dim=16)),
     "gemma3-bf16": ("gemma3", dict(TINY, quant="bf16", head_dim=16, n_layer=3, sliding_window=4)),
     "qwen2-q4_1": ("qwen2", dict(TINY, quant="q4_1", n_layer=1)),
+    "qwen2vl-q8_0": ("qwen2vl", dict(TINY, quant="q8_0", head_dim=16)),
+}
+# mmproj seeds (writer_vision.write_mmproj): the vision loader's keys and tensors at the smallest sizes. The
+# two 14×14×3 patch kernels take most of the file; a width of 16 keeps it under run.sh's -max_len (64 KiB).
+MMPROJ_SEEDS = {
+    "mmproj-qwen25vl-f16": dict(n_embd=16, n_layer=2, n_head=2, n_ff=32, proj_dim=32, n_wa_pattern=2),
 }
 
 _TEXT = "Hello  world!\r\n\tcafé 123 <s> </s> <|endoftext|>  x\U0001f600"
@@ -140,6 +146,10 @@ def main() -> int:
     tdir.mkdir(parents=True, exist_ok=True)
     for name, (arch, kw) in GGUF_SEEDS.items():
         write_model(gdir / f"{name}.gguf", arch, seed=1, **kw)
+    from turboprefill.writer_vision import write_mmproj
+
+    for name, kw in MMPROJ_SEEDS.items():
+        write_mmproj(gdir / f"{name}.gguf", seed=1, **kw)
     for kind, pre in [
         ("llama", "space-prefix"),
         ("llama", "none"),

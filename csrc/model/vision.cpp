@@ -18,7 +18,6 @@
 #if defined(TP_WITH_CUDA)
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/device.h"
-#include "backend/cuda/vision.cuh"
 #endif
 
 namespace tp {

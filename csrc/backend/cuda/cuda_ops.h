@@ -17,6 +17,9 @@ namespace tp {
 // used (naming the CUDA error).
 std::unique_ptr<Ops> make_cuda_ops(int device, int64_t max_tokens);
 
+// Largest head_dim of the vision encoder's segmented attention kernel (Ops::attention_seg, vision.cu).
+constexpr int64_t kTpAttnSegMaxHeadDim = 128;
+
 // Testing aid: which attention kernel a CUDA Ops runs (0 auto, 1 tensor cores, 2 f32); no-op on other Ops.
 void cuda_ops_set_attention_kernel(Ops& ops, int kernel);
 

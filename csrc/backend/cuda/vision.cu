@@ -13,7 +13,7 @@
 
 namespace {
 
-constexpr int kWarps = 8, kTile = 32, kMaxPerLane = int(kTpAttnSegMaxHeadDim) / 32;
+constexpr int kWarps = 8, kTile = 32, kMaxPerLane = int(tp::kTpAttnSegMaxHeadDim) / 32;
 
 // The segment holding token t: the last s with seg[s] <= t (binary search over n_seg + 1 bounds).
 __device__ int64_t seg_of(const int32_t* seg, int64_t n_seg, int64_t t) {
@@ -108,7 +108,7 @@ __global__ void unary_kernel(float* out, const float* in, int64_t n, tp::Activat
 cudaError_t tp_attention_seg_cuda(float* out, const float* q, const float* k, const float* v, int64_t n_tok,
                                   int64_t n_head, int64_t head_dim, float kq_scale, const int32_t* seg, int64_t n_seg,
                                   cudaStream_t stream) {
-  if (n_tok < 0 || n_head <= 0 || head_dim <= 0 || head_dim > kTpAttnSegMaxHeadDim || n_seg < 1 || !seg ||
+  if (n_tok < 0 || n_head <= 0 || head_dim <= 0 || head_dim > tp::kTpAttnSegMaxHeadDim || n_seg < 1 || !seg ||
       n_head > 65535 || (n_tok + kWarps - 1) / kWarps > INT32_MAX)
     return cudaErrorInvalidValue;
   if (n_tok == 0) return cudaSuccess;
