@@ -21,13 +21,11 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from turboprefill import Engine
-from turboprefill.bench import machine_info
+from turboprefill.bench import image_ttft, image_ttft_table, machine_info
 from turboprefill.writer_vl import write_pair
 
 
@@ -70,35 +68,12 @@ def main() -> int:
                   n_ff=int(round(a.vision_embd * 2.7 / 32)) * 32, n_wa_pattern=min(8, a.vision_layers),
                   weight_type="f16", seed=2)
     meta = machine_info()
-    img = synthetic_image(width, height)
-    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": a.question}]}]
     with tempfile.TemporaryDirectory() as td:
         tp, mp = Path(td) / "qwen2vl.gguf", Path(td) / "mmproj.gguf"
         write_pair(tp, mp, text=text, vision=vision)
-        kw = dict(devices=a.devices, threads=a.threads, ubatch=a.ubatch, n_ctx=8192, layer_split=None, mmproj=mp,
-                  vision_threads=a.vision_threads or None)
-        engines = {s: Engine(tp, schedule=s, **kw) for s in ("sequential", "pipelined")}
-        for e in engines.values():  # warm-up: page in the weights, size the scratch
-            e.prefill([{"role": "user", "content": "hi"}])
-            e.reset()
-        runs: dict[str, list[dict]] = {s: [] for s in engines}
-        for _ in range(a.repeat):
-            for s, e in engines.items():  # alternate: both schedules see the same load
-                e.reset()
-                t0 = time.perf_counter()
-                r = e.prefill(msgs)
-                ttft = time.perf_counter() - t0
-                st = r.stats
-                runs[s].append({"ttft": ttft, "prefill": st["seconds"], "encode": st["image_encode_seconds"],
-                                "prepare": st["image_prepare_seconds"], "tokens": st["tokens"],
-                                "image_tokens": st["image_tokens"], "image": st["images"][0],
-                                "argmax": int(np.argmax(r.logits))})
-        best = {s: min(v, key=lambda x: x["ttft"]) for s, v in runs.items()}
-        for e in engines.values():
-            e.close()
-    seq, pip = best["sequential"], best["pipelined"]
-    same = seq["argmax"] == pip["argmax"]
-    grid = seq["image"]
+        res = image_ttft(str(tp), str(mp), synthetic_image(width, height), a.question, devices=a.devices,
+                         threads=a.threads, ubatch=a.ubatch, repeat=a.repeat, n_ctx=8192,
+                         vision_threads=a.vision_threads or None)
     lines = [
         f"# Image prefill: {width}×{height} image, synthetic Qwen2.5-VL shape, {a.devices}",
         "",
@@ -106,26 +81,18 @@ def main() -> int:
         f"command: python {' '.join(sys.argv)}",
         f"text model: {text}",
         f"vision tower: {vision}",
-        f"image: {width}×{height} → {grid['resized'][0]}×{grid['resized'][1]} px, grid {grid['grid'][0]}×"
-        f"{grid['grid'][1]} = {seq['image_tokens']} image tokens; prompt {seq['tokens']} tokens; ubatch {a.ubatch}; "
-        f"best of {a.repeat}",
+        f"ubatch {a.ubatch}, {a.threads} thread(s) per text stage, best of {a.repeat}",
         "",
-        "| schedule | image prep (s) | vision encode (s) | text prefill (s) | prefill tok/s | time to first token (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        *image_ttft_table(res),
     ]
-    for s, r in best.items():
-        lines.append(f"| {s} | {r['prepare']:.3f} | {r['encode']:.3f} | {r['prefill']:.3f} | "
-                     f"{r['tokens'] / r['prefill']:.0f} | {r['ttft']:.3f} |")
-    lines += ["", f"prefill speedup {seq['prefill'] / pip['prefill']:.2f}×, time-to-first-token speedup "
-              f"{seq['ttft'] / pip['ttft']:.2f}×; same first token in both schedules: {same}"]
     print("\n".join(lines))
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.md").write_text("\n".join(lines) + "\n")
-        (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs, "text": text, "vision": vision,
-                                                      "image": [width, height]}, indent=1) + "\n")
-    return 0 if same else 1
+        (out / "results.json").write_text(json.dumps({"meta": meta, "runs": res["all"], "text": text,
+                                                      "vision": vision, "image": [width, height]}, indent=1) + "\n")
+    return 0 if res["same_first_token"] else 1
 
 
 if __name__ == "__main__":

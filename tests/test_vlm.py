@@ -158,6 +158,12 @@ def test_cli_prefill_with_an_image(pair, image, tmp_path, capsys):
     assert "252×168 -> 252×168 px, 6×9 = 54 image tokens" in out
     assert "time to first token:" in out and "answer:" in out and "generation: 2 tokens" in out
     assert main(["prefill", str(tp), "--image", str(png)]) == 2  # no --mmproj
+    capsys.readouterr()
+    assert main(["bench", str(tp), "--mmproj", str(mp), "--image", str(png), "--repeat", "1", "--ubatch", "32",
+                 "--devices", "cpu:0,cpu:1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| pipelined |" in out and "| sequential |" in out and "54 image tokens" in out
+    assert "same first token in both schedules: True" in out
 
 
 def test_errors(pair, image, tmp_path):

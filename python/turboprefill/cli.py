@@ -183,10 +183,29 @@ def cmd_bench(a) -> int:
     from .models import resolve_model
 
     model = str(resolve_model(a.model))
+    if a.image or a.mmproj:
+        return _bench_image(model, a)
     meta = machine_info()
     rows = sweep(model, ctxs=_ints(a.ctx), ubatches=_ints(a.ubatch), devices_list=a.devices.split(";"),
                  schedules=a.schedules.split(","), threads=a.threads, repeat=a.repeat, progress=not a.quiet)
     return report(rows, a.out, {**meta, "model": model}, make_plots=not a.no_plots)
+
+
+def _bench_image(model: str, a) -> int:
+    """bench --image: the VLM seed's table for the user's model and image (sequential vs pipelined)."""
+    from .bench import image_ttft, image_ttft_table
+
+    if not (a.image and a.mmproj):
+        print("turboprefill bench: --image and --mmproj go together", file=sys.stderr)
+        return 2
+    ubatches = _ints(a.ubatch)
+    for dev in a.devices.split(";"):
+        for ub in ubatches:
+            res = image_ttft(model, a.mmproj, a.image, a.question, devices=dev, threads=a.threads, ubatch=ub,
+                             repeat=a.repeat)
+            print(f"\n{model} + {a.mmproj}, devices {dev}, ubatch {ub}, best of {a.repeat}")
+            print("\n".join(image_ttft_table(res)))
+    return 0
 
 
 def cmd_simulate(a) -> int:
@@ -300,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("--repeat", type=int, default=2, help="runs per point (best is kept)")
     pb.add_argument("--out", default="bench/out", help="folder for results.jsonl, results.md and plots")
     pb.add_argument("--no-plots", action="store_true")
+    pb.add_argument("--image", help="instead of the sweep: image + question to first token on this image "
+                    "(needs --mmproj), sequential vs pipelined for each device list and ubatch")
+    pb.add_argument("--mmproj", help="the vision tower's GGUF, with --image")
+    pb.add_argument("--question", default="Describe this image in detail.", help="with --image")
     pb.add_argument("--quiet", action="store_true")
     pb.set_defaults(fn=cmd_bench, threads=1)
 
