@@ -16,6 +16,7 @@ from .errors import (
     TurboPrefillError,
     UnsupportedError,
 )
+from .sampling import SamplingError, SamplingParams
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,6 @@ __all__ = [
     "DeviceError",
     "CancelledError",
     "MissingDependencyError",
+    "SamplingParams",
+    "SamplingError",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -567,6 +567,21 @@ class Engine:
         """Ask a running prefill (in another thread) to stop."""
         if self._h is not None:
             lib.tp_engine_cancel(self._h)
+
+    def chat(self, messages: Sequence[dict], params=None, **sampling) -> str:
+        """The assistant's reply to chat messages (the GGUF's chat template; images as in prefill()), sampled
+        with SamplingParams given as params= or as keywords (temperature=0 is greedy; see sampling.py). The
+        sequence is reset first: messages are the whole conversation."""
+        return "".join(self.chat_stream(messages, params, **sampling))
+
+    def chat_stream(self, messages: Sequence[dict], params=None, **sampling) -> Iterator[str]:
+        """chat() as a generator of text pieces, each shown as soon as it can be (never part of a stop
+        string or of a UTF-8 character)."""
+        from .chat import sampling_params, steps
+
+        for step in steps(self, messages, sampling_params(params, sampling)):
+            if step.text:
+                yield step.text
 
     def generate(self, tokens: Sequence[int] | np.ndarray | str | Sequence[dict], max_new_tokens: int = 32,
                  stop_at_eos: bool = True, images: Sequence | None = None) -> list[int]:

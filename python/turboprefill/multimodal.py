@@ -230,16 +230,26 @@ QWEN2VL_CHAT_TEMPLATE = (
 
 def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: bool = True,
                 **extra: Any) -> str:
-    """Render a chat template the way transformers' apply_chat_template does (a sandboxed jinja2
-    environment, trim_blocks and lstrip_blocks, `raise_exception` available to the template)."""
+    """Render a chat template the way transformers' apply_chat_template does: a sandboxed jinja2 environment
+    with trim_blocks, lstrip_blocks and loop controls; `raise_exception(msg)`, `strftime_now(fmt)` and a
+    `tojson` filter that keeps non-ASCII text (ensure_ascii=False) and takes indent. `extra` are further
+    variables (bos_token, eos_token, tools, ...)."""
+    import json
+    from datetime import datetime
+
     jinja2 = require("jinja2", "chat templates")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template).render(messages=list(messages),
                                                 add_generation_prompt=add_generation_prompt, **extra)
@@ -249,7 +259,8 @@ def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: 
 
 def chat_images(messages: Sequence[dict]) -> list[Any]:
     """The images of a chat, in order: content parts {"type": "image", "image": X} (X a path, bytes, PIL
-    image or array) or {"type": "image_url", "image_url": {"url": path}} (a local path or file:// URL)."""
+    image or array) or {"type": "image_url", "image_url": {"url": U}} (U a local path, a file:// URL or a
+    data:image/...;base64, URL, whose bytes are decoded here)."""
     found: list[Any] = []
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
@@ -267,12 +278,29 @@ def chat_images(messages: Sequence[dict]) -> list[Any]:
                 url = url.get("url") if isinstance(url, dict) else url
                 if not isinstance(url, str):
                     raise ValueError("image_url must be a string or {'url': string}")
+                if url.startswith("data:"):
+                    found.append(_data_url(url))
+                    continue
                 if url.startswith("file://"):
                     url = url[len("file://"):]
-                elif "://" in url or url.startswith("data:"):
-                    raise ValueError(f"image_url {url[:40]!r}: only local paths and file:// URLs are read")
+                elif "://" in url:
+                    raise ValueError(f"image_url {url[:40]!r}: only local paths, file:// and data: URLs are read")
                 found.append(url)
     return found
+
+
+def _data_url(url: str) -> bytes:
+    """The bytes of a data: URL (RFC 2397) that holds base64: data:image/png;base64,...."""
+    import base64
+    import binascii
+
+    head, sep, body = url.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise ValueError(f"image_url {url[:40]!r}: a data: URL must be base64 (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(body, validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"image_url data: URL is not valid base64: {e}") from e
 
 
 @dataclass
@@ -293,17 +321,19 @@ def prompt_tokens(engine: Any, prompt: Any) -> tuple[np.ndarray, list[Any]]:
     if isinstance(prompt, str):
         return np.asarray(engine.tokenizer.encode(prompt, add_bos=True, special=True), np.int64), []
     if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
-        template = engine.chat_template or QWEN2VL_CHAT_TEMPLATE
-        text = render_chat(template, prompt)
-        return np.asarray(engine.tokenizer.encode(text, add_bos=True, special=True), np.int64), chat_images(prompt)
+        from .chat import chat_tokens
+
+        return np.asarray(chat_tokens(engine, prompt), np.int64), chat_images(prompt)
     arr = np.asarray(prompt)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
         raise TypeError("prompt must be token ids, a string or a list of chat messages")
     return arr.astype(np.int64), []
 
 
-def build_image_prompt(engine: Any, tokens: np.ndarray, images: Sequence[Any]) -> ImagePrompt:
-    """Encode the images with the engine's vision tower and lay the prompt out around them."""
+def build_image_prompt(engine: Any, tokens: np.ndarray, images: Sequence[Any], start: int | None = None,
+                       n_past: int | None = None) -> ImagePrompt:
+    """Encode the images with the engine's vision tower and lay the prompt out around them. start / n_past:
+    the sequence's next position and length (default: the engine's; the server passes 0, 0 for a fresh slot)."""
     import time
 
     vision = engine.vision
@@ -322,8 +352,8 @@ def build_image_prompt(engine: Any, tokens: np.ndarray, images: Sequence[Any]) -
     prepared = [prepare_image(im, info["image_mean"], info["image_std"], info.get("min_pixels") or None,
                               info.get("max_pixels") or None) for im in images]
     prep_s = time.perf_counter() - t0
-    lay = layout(tokens, pad, [p.grid for p in prepared], start=engine.next_pos)
-    left = engine.config["n_ctx"] - engine.n_past
+    lay = layout(tokens, pad, [p.grid for p in prepared], start=engine.next_pos if start is None else start)
+    left = engine.config["n_ctx"] - (engine.n_past if n_past is None else n_past)
     if lay.tokens.size > left:
         from .errors import ContextOverflowError
 

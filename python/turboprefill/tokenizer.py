@@ -278,6 +278,7 @@ class Tokenizer:
             v = getattr(self, name)
             if not 0 <= v < n:
                 setattr(self, name, None)  # an id outside the vocabulary means "none", as in llama.cpp
+        self.eog_ids: frozenset[int] = self._eog(md)
 
         # Texts cut out before BPE, longest first (llama.cpp sorts cache_special_tokens by byte length;
         # ties keep id order here, which only matters for equal-length texts that overlap).
@@ -297,6 +298,18 @@ class Tokenizer:
             self._init_bpe(md)
 
     # ---- construction -------------------------------------------------------------------------------
+
+    def _eog(self, md: Mapping[str, object]) -> frozenset[int]:
+        """End-of-generation ids, as llama.cpp's special_eog_ids: EOS, the declared EOT/EOM ids, and the
+        control tokens whose text ends a turn (those _llama_cpp_attrs left CONTROL: gpt-oss' <|end|> is not)."""
+        n = len(self.tokens)
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+            v = md.get(key)
+            if isinstance(v, int) and 0 <= v < n:
+                ids.add(v)
+        ids.update(i for i, t in enumerate(self.tokens) if t in _EOG_TEXTS and self.token_attrs[i] & ATTR_CONTROL)
+        return frozenset(ids)
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, object]) -> Tokenizer:
@@ -454,20 +467,23 @@ class Tokenizer:
         """Text of ``ids`` as ``llama_detokenize(remove_special=False, unparse_special=special)``: control
         and unknown tokens are left out unless ``special=True``; with ``add_space_prefix`` the first
         token's leading space is dropped."""
-        n = len(self.tokens)
         chunks = []
         for k, i in enumerate(ids):
-            i = int(i)
-            if not 0 <= i < n:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {n})")
-            if not special and self.token_attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN):
-                p = b""
-            else:
-                p = self._piece_fn(i)
+            p = self.piece(i, special)
             if k == 0 and self.add_space_prefix and p.startswith(b" "):
                 p = p[1:]  # llama.cpp strips it from the first token only, even when that is BOS
             chunks.append(p)
         return b"".join(chunks).decode("utf-8", "replace")
+
+    def piece(self, token_id: int, special: bool = False) -> bytes:
+        """The bytes one token adds to decoded text (llama_token_to_piece): b"" for control and unknown
+        tokens unless ``special``. Streaming text is these pieces joined (no first-token space stripping)."""
+        i = int(token_id)
+        if not 0 <= i < len(self.tokens):
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {len(self.tokens)})")
+        if not special and self.token_attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN):
+            return b""
+        return self._piece_fn(i)
 
     def token_to_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (a control token's own text; b"" for unused ones)."""
