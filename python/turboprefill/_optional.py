@@ -14,7 +14,8 @@ from types import ModuleType
 from .errors import MissingDependencyError
 
 # Top-level module -> the extra in pyproject.toml ([project.optional-dependencies]) that installs it.
-EXTRAS = {"matplotlib": "bench", "tqdm": "bench", "gguf": "test", "PIL": "vision", "jinja2": "vision"}
+EXTRAS = {"matplotlib": "bench", "tqdm": "bench", "gguf": "test", "PIL": "vision", "jinja2": "vision",
+          "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve"}
 
 
 def install_hint(module: str) -> str:

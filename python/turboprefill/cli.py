@@ -1,4 +1,4 @@
-"""The `turboprefill` command: info, prefill, bench, simulate, selftest."""
+"""The `turboprefill` command: info, prefill, bench, simulate, selftest, serve."""
 
 from __future__ import annotations
 
@@ -208,6 +208,38 @@ def _bench_image(model: str, a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    """The OpenAI-compatible server: one engine with --parallel sequences, until Ctrl-C."""
+    import os
+
+    from ._optional import require
+    from .engine import Engine
+    from .server import create_app
+
+    uvicorn = require("uvicorn", "turboprefill serve")
+    if a.parallel < 1 or a.max_queue < 0:
+        print("turboprefill serve: --parallel must be >= 1 and --max-queue >= 0", file=sys.stderr)
+        return 2
+    # several sequences need an engine that has them; one sequence is what every engine has
+    extra = {"n_seq": a.parallel} if a.parallel > 1 else {}
+    if a.mmproj:
+        extra["mmproj"] = a.mmproj
+    try:
+        eng = Engine(a.model, devices=a.devices, threads=a.threads, ubatch=a.ubatch, n_ctx=a.n_ctx, **extra)
+    except TypeError as e:
+        if "n_seq" not in str(e):
+            raise
+        print("turboprefill serve: this engine runs one sequence at a time; start it with --parallel 1",
+              file=sys.stderr)
+        return 2
+    model_id = a.alias or os.path.basename(eng.path).removesuffix(".gguf")
+    app = create_app(eng, model_id, parallel=a.parallel, max_queue=a.max_queue)
+    print(f"serving {eng.path} as {model_id!r} on http://{a.host}:{a.port}/v1 ({a.parallel} slot(s), n_ctx "
+          f"{eng.config['n_ctx']}, devices {a.devices})", file=sys.stderr)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    return 0
+
+
 def cmd_simulate(a) -> int:
     from .simreport import run
 
@@ -342,13 +374,24 @@ def main(argv: list[str] | None = None) -> int:
     pm.add_argument("--plot", default=None, help="Gantt plot path; {ctx} and {ubatch} are replaced")
     pm.set_defaults(fn=cmd_simulate)
 
+    pv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    engine_args(pv)
+    pv.add_argument("--mmproj", help="the vision tower's GGUF: image_url parts in chat messages")
+    pv.add_argument("--host", default="127.0.0.1")
+    pv.add_argument("--port", type=int, default=8080)
+    pv.add_argument("--parallel", type=int, default=1, help="requests generating at once (engine sequences)")
+    pv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    pv.add_argument("--alias", help="the model id clients name (default: the GGUF's file name)")
+    pv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    pv.set_defaults(fn=cmd_serve)
+
     ps = sub.add_parser("selftest", help="check the GPUs: kernels vs CPU, then a short pipeline benchmark")
     ps.add_argument("--quick", action="store_true",
                     help="a small model and 128 tokens: seconds instead of a minute, no meaningful timings")
     ps.set_defaults(fn=cmd_selftest)
 
     a = p.parse_args(argv)
-    if a.cmd == "prefill":
+    if a.cmd in ("prefill", "serve"):
         a.ubatch = int(a.ubatch)
     from .errors import TurboPrefillError
 

@@ -1,0 +1,252 @@
+"""scheduler.py — requests through one Engine: a queue, n slots (engine sequences), prefills and batched decode.
+
+Owns the request life cycle: submit() queues a request (QueueFull past max_queue); the scheduler thread admits
+queued requests into free slots and starts each one's prefill in a thread of its own (the engine call blocks;
+the engine interleaves concurrent prefills' ubatches in its pipeline); a finished prefill samples the first
+token and joins the running set; then every step of the same thread batches one token per running request into
+one Engine.decode call, samples each request and hands the Step to its consumer. A request ends on a stop, on
+max_tokens or a full context, on an engine error, or on cancel() (a client that went away): its slot is freed
+before the next step. A prefill in flight cannot be stopped for one sequence (the engine cancels all or
+nothing), so a cancel during a prefill takes effect when that prefill returns.
+
+Events go to the consumer through its `emit` callable (the server passes one that hops onto the asyncio loop):
+a sampling.Step per token, or a RequestFailed at most once, after which nothing follows.
+
+Engines without several sequences (no Engine.decode) run one request at a time on their single sequence:
+prefill after reset(), then one-token prefills; the rest wait in the queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ContextOverflowError
+from ..sampling import Generation, SamplingParams, Step
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting (the server's 429)."""
+
+
+@dataclass
+class RequestFailed:
+    """The request could not go on: status is the HTTP status the server answers with."""
+
+    status: int
+    message: str
+    kind: str
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One generation request. prompt: token ids; or `images` with prompt ids holding <|image_pad|> runs."""
+
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Any], None]
+    images: Sequence[Any] = ()
+    id: int = field(default_factory=lambda: next(_ids))
+    arrived: float = field(default_factory=time.perf_counter)
+    slot: int | None = None
+    gen: Generation | None = None
+    last_token: int = -1
+    last_time: float = 0.0
+    n_prompt: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Scheduler:
+    def __init__(self, engine: Any, n_slots: int, max_queue: int, metrics: Any = None):
+        self.eng = engine
+        self.multi = hasattr(engine, "decode") and hasattr(engine, "free_seq")
+        if not self.multi and n_slots != 1:
+            raise ValueError(f"this engine runs one sequence (no Engine.decode): --parallel must be 1, got {n_slots}")
+        self.n_ctx = int(engine.config["n_ctx"])
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._free = list(range(n_slots - 1, -1, -1))
+        self._queue: deque[Request] = deque()
+        self._running: dict[int, Request] = {}  # slot -> request in the decode set
+        self._prefilling: dict[int, Request] = {}
+        self._cv = threading.Condition()
+        self._vision_lock = threading.Lock()  # one vision tower, shared by the prefill threads
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="tp-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- the consumer's side ------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the scheduler is shut down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are already waiting (--max-queue {self.max_queue}); "
+                                "retry later")
+            self._queue.append(req)
+            self._gauges()
+            self._cv.notify_all()
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled.set()
+        with self._cv:
+            if req in self._queue:
+                self._queue.remove(req)
+                self._count("cancelled")
+                self._gauges()
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+    @property
+    def depth(self) -> tuple[int, int]:
+        """(queued, holding a slot)"""
+        with self._cv:
+            return len(self._queue), len(self._running) + len(self._prefilling)
+
+    # ---- engine calls: several sequences, or the one sequence of an engine without them ----------------
+    def _prefill(self, req: Request) -> np.ndarray:
+        from ..multimodal import build_image_prompt
+
+        seq = {"seq": req.slot} if self.multi else {}
+        if not self.multi:
+            self.eng.reset()
+        if req.images:
+            with self._vision_lock:
+                ip = build_image_prompt(self.eng, np.asarray(req.prompt, np.int64), req.images, start=0, n_past=0)
+            req.n_prompt = int(ip.layout.tokens.size)
+            return self.eng._prefill_mm(ip.layout.tokens, ip.rows, ip.layout.positions, False, **seq).logits
+        req.n_prompt = len(req.prompt)
+        return self.eng.prefill(req.prompt, **seq).logits
+
+    def _decode(self, reqs: list[Request]) -> np.ndarray:
+        if self.multi:
+            return self.eng.decode([r.slot for r in reqs], [r.last_token for r in reqs])
+        return self.eng.prefill([reqs[0].last_token]).logits[None, :]
+
+    def _release(self, req: Request) -> None:
+        """Give the request's slot back (under the lock)."""
+        slot = req.slot
+        self._running.pop(slot, None)
+        self._prefilling.pop(slot, None)
+        if self.multi:
+            self.eng.free_seq(slot)
+        self._free.append(slot)
+        self._gauges()
+        self._cv.notify_all()
+
+    # ---- the scheduler thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    if self._stop:
+                        return
+                    for r in [r for r in self._running.values() if r.cancelled.is_set()]:
+                        self._count("cancelled")
+                        self._release(r)
+                    while self._queue and self._free:
+                        req = self._queue.popleft()
+                        req.slot = self._free.pop()
+                        self._prefilling[req.slot] = req
+                        threading.Thread(target=self._run_prefill, args=(req,), name=f"tp-prefill-{req.id}",
+                                         daemon=True).start()
+                        self._gauges()
+                    batch = list(self._running.values())
+                    if batch:
+                        break
+                    self._cv.wait()
+            self._step(batch)
+
+    def _run_prefill(self, req: Request) -> None:
+        t0 = time.perf_counter()
+        try:
+            logits = self._prefill(req)
+        except ContextOverflowError as e:
+            self._fail([req], RequestFailed(413, str(e), "context_length_exceeded"))
+            return
+        except (ValueError, OSError) as e:  # a bad image, a placeholder count that does not match
+            self._fail([req], RequestFailed(400, str(e), "invalid_request_error"))
+            return
+        except Exception as e:  # noqa: BLE001 — an engine failure ends this request, never the server
+            self._fail([req], RequestFailed(500, f"the engine failed: {type(e).__name__}: {e}", "server_error"))
+            return
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.prefill_tps.set(req.n_prompt / max(now - t0, 1e-9))
+            self.metrics.prompt_tokens.inc(req.n_prompt)
+            self.metrics.ttft.observe(now - req.arrived)
+        req.gen = Generation(self.eng.tokenizer, req.params, [t for t in req.prompt if t >= 0], self.n_ctx,
+                             req.n_prompt)
+        req.last_time = now
+        with self._cv:
+            self._prefilling.pop(req.slot, None)
+            self._deliver(req, logits)
+            if req.gen.finish_reason is None and not req.cancelled.is_set():
+                self._running[req.slot] = req
+            else:
+                self._count("cancelled" if req.cancelled.is_set() else "ok")
+                self._release(req)
+            self._cv.notify_all()
+
+    def _deliver(self, req: Request, logits: np.ndarray) -> Step:
+        step = req.gen.push(logits)
+        req.last_token = step.token
+        if self.metrics is not None:
+            self.metrics.generated_tokens.inc()
+        if not req.cancelled.is_set():
+            req.emit(step)
+        return step
+
+    def _step(self, batch: list[Request]) -> None:
+        t0 = time.perf_counter()
+        try:
+            logits = self._decode(batch)
+        except Exception as e:  # noqa: BLE001 — the step failed for every request in it
+            self._fail(batch, RequestFailed(500, f"the engine failed: {type(e).__name__}: {e}", "server_error"))
+            return
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.decode_tps.set(len(batch) / max(now - t0, 1e-9))
+        with self._cv:
+            for i, req in enumerate(batch):
+                if req.cancelled.is_set():
+                    continue  # released by the loop before the next step
+                step = self._deliver(req, logits[i])
+                if self.metrics is not None:
+                    self.metrics.itl.observe(now - req.last_time)
+                req.last_time = now
+                if step.finish_reason is not None:
+                    self._count("ok")
+                    self._release(req)
+
+    def _fail(self, reqs: list[Request], err: RequestFailed) -> None:
+        with self._cv:
+            for req in reqs:
+                if not req.cancelled.is_set():
+                    req.emit(err)
+                self._count("error")
+                self._release(req)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(outcome).inc()
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queued.set(len(self._queue))
+            self.metrics.running.set(len(self._running) + len(self._prefilling))
