@@ -52,7 +52,8 @@ def test_data_url_images_are_decoded():
     assert chat_images([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]) == [
         b"\x89PNG..."]
     with pytest.raises(ValueError, match="not valid base64"):
-        chat_images([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}])
+        bad = {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}
+        chat_images([{"role": "user", "content": [bad]}])
     with pytest.raises(ValueError, match="only local paths"):
         chat_images([{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}]}])
 
@@ -62,8 +63,9 @@ def test_qwen2vl_template():
     assert render_chat(QWEN2VL_CHAT_TEMPLATE, msgs) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "<|vision_start|><|image_pad|><|vision_end|>What?<|im_end|>\n<|im_start|>assistant\n")
-    assert render_chat(QWEN2VL_CHAT_TEMPLATE, [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}],
-                       add_generation_prompt=False) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nu<|im_end|>\n"
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]
+    assert render_chat(QWEN2VL_CHAT_TEMPLATE, msgs, add_generation_prompt=False) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nu<|im_end|>\n")
 
 
 @pytest.mark.realmodel

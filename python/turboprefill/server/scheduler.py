@@ -119,18 +119,24 @@ class Scheduler:
             return len(self._queue), len(self._running) + len(self._prefilling)
 
     # ---- engine calls: several sequences, or the one sequence of an engine without them ----------------
-    def _prefill(self, req: Request) -> np.ndarray:
+    def _prepare_images(self, req: Request) -> Any:
+        """The image prompt (vision tower run, positions laid out for a fresh sequence), or None."""
         from ..multimodal import build_image_prompt
 
+        if not req.images:
+            req.n_prompt = len(req.prompt)
+            return None
+        with self._vision_lock:
+            ip = build_image_prompt(self.eng, np.asarray(req.prompt, np.int64), req.images, start=0, n_past=0)
+        req.n_prompt = int(ip.layout.tokens.size)
+        return ip
+
+    def _prefill(self, req: Request, ip: Any) -> np.ndarray:
         seq = {"seq": req.slot} if self.multi else {}
         if not self.multi:
             self.eng.reset()
-        if req.images:
-            with self._vision_lock:
-                ip = build_image_prompt(self.eng, np.asarray(req.prompt, np.int64), req.images, start=0, n_past=0)
-            req.n_prompt = int(ip.layout.tokens.size)
+        if ip is not None:
             return self.eng._prefill_mm(ip.layout.tokens, ip.rows, ip.layout.positions, False, **seq).logits
-        req.n_prompt = len(req.prompt)
         return self.eng.prefill(req.prompt, **seq).logits
 
     def _decode(self, reqs: list[Request]) -> np.ndarray:
@@ -175,12 +181,20 @@ class Scheduler:
     def _run_prefill(self, req: Request) -> None:
         t0 = time.perf_counter()
         try:
-            logits = self._prefill(req)
-        except ContextOverflowError as e:
+            ip = self._prepare_images(req)
+        except ContextOverflowError as e:  # the images made the prompt longer than the context
             self._fail([req], RequestFailed(413, str(e), "context_length_exceeded"))
             return
-        except (ValueError, OSError) as e:  # a bad image, a placeholder count that does not match
+        except (ValueError, OSError) as e:  # an image that cannot be read, placeholders that do not match
             self._fail([req], RequestFailed(400, str(e), "invalid_request_error"))
+            return
+        except Exception as e:  # noqa: BLE001 — the vision tower failed: this request ends, never the server
+            self._fail([req], RequestFailed(500, f"the vision tower failed: {type(e).__name__}: {e}", "server_error"))
+            return
+        try:
+            logits = self._prefill(req, ip)
+        except ContextOverflowError as e:
+            self._fail([req], RequestFailed(413, str(e), "context_length_exceeded"))
             return
         except Exception as e:  # noqa: BLE001 — an engine failure ends this request, never the server
             self._fail([req], RequestFailed(500, f"the engine failed: {type(e).__name__}: {e}", "server_error"))
