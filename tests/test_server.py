@@ -259,3 +259,25 @@ def test_engine_failure_is_500_and_the_server_lives(small_server):
     assert httpx.get(url + "/health").json() == {**httpx.get(url + "/health").json(), "status": "ok", "running": 0}
     r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200 and json.loads(r.text)["choices"][0]["finish_reason"] == "length"
+
+
+def test_disconnect_during_prefill_cancels_it(smollm2_path):
+    """On a one-sequence engine the prefill itself is cancelled: the prompt is never counted as prefilled."""
+    if _parallel_slots() > 1:
+        pytest.skip("with several sequences a prefill in flight finishes before its slot is freed")
+    eng = _engine(smollm2_path, 2048)
+    try:
+        with serve(eng) as url:
+            prompt = list(range(1000, 2900))  # 1900 tokens: seconds of prefill on a CPU
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=0.3)
+            deadline = time.time() + 30
+            while _running(url) and time.time() < deadline:
+                time.sleep(0.02)
+            metrics = httpx.get(url + "/metrics").text
+            assert 'tp_requests_total{outcome="cancelled"} 1.0' in metrics
+            assert "tp_prompt_tokens_total 0.0" in metrics
+            r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+            assert r.status_code == 200
+    finally:
+        eng.close()

@@ -45,7 +45,7 @@ def _sampling(body: dict, chat: bool) -> SamplingParams:
     kw: dict[str, Any] = {k: body[k] for k in _CHAT_FIELDS if body.get(k) is not None}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens")
     kw["max_tokens"] = max_tokens if max_tokens is not None or chat else COMPLETIONS_DEFAULT_MAX_TOKENS
-    if "stop_token_ids" in body:
+    if body.get("stop_token_ids") is not None:
         if not isinstance(body["stop_token_ids"], list):
             raise SamplingError("stop_token_ids", "must be a list of token ids")
         kw["stop_token_ids"] = tuple(body["stop_token_ids"])

@@ -6,8 +6,8 @@ the engine interleaves concurrent prefills' ubatches in its pipeline); a finishe
 token and joins the running set; then every step of the same thread batches one token per running request into
 one Engine.decode call, samples each request and hands the Step to its consumer. A request ends on a stop, on
 max_tokens or a full context, on an engine error, or on cancel() (a client that went away): its slot is freed
-before the next step. A prefill in flight cannot be stopped for one sequence (the engine cancels all or
-nothing), so a cancel during a prefill takes effect when that prefill returns.
+before the next step. A prefill in flight is stopped with Engine.cancel() on an engine with one sequence; with
+several, the engine cancels all or nothing, so a cancel during a prefill takes effect when that prefill returns.
 
 Events go to the consumer through its `emit` callable (the server passes one that hops onto the asyncio loop):
 a sampling.Step per token, or a RequestFailed at most once, after which nothing follows.
@@ -104,6 +104,10 @@ class Scheduler:
                 self._queue.remove(req)
                 self._count("cancelled")
                 self._gauges()
+            elif not self.multi and self._prefilling.get(req.slot) is req:
+                # one sequence: the engine's cancel stops exactly this prefill (a cancel that lands before or
+                # after the native call is forgotten, so it cannot hit the next request)
+                self.eng.cancel()
             self._cv.notify_all()
 
     def close(self) -> None:
@@ -251,9 +255,11 @@ class Scheduler:
     def _fail(self, reqs: list[Request], err: RequestFailed) -> None:
         with self._cv:
             for req in reqs:
-                if not req.cancelled.is_set():
+                if req.cancelled.is_set():  # the failure is the cancellation itself, or nobody is listening
+                    self._count("cancelled")
+                else:
                     req.emit(err)
-                self._count("error")
+                    self._count("error")
                 self._release(req)
 
     def _count(self, outcome: str) -> None:
