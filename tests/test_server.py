@@ -188,8 +188,8 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
 
 @pytest.fixture(scope="module")
 def small_server(smollm2_path):
-    """One slot, one queue place, a 64-token context: for 413 and 429; its engine can be made to fail."""
-    eng = _engine(smollm2_path, 64)
+    """One slot, one queue place, a 256-token context: for 413 and 429; its engine can be made to fail."""
+    eng = _engine(smollm2_path, 256)
     with serve(eng, parallel=1, max_queue=1) as url:
         yield url, eng
     eng.close()
@@ -225,22 +225,26 @@ def test_bad_inputs_get_openai_errors(small_server):
     e = _err(httpx.post(chat, json={"model": "gpt-4", "messages": msgs}), 404, param="model")
     assert e["code"] == "model_not_found"
     _err(httpx.get(url + "/v1/nothing"), 404, "not_found")
-    e = _err(httpx.post(chat, json={"messages": [{"role": "user", "content": "word " * 80}]}), 413)
+    e = _err(httpx.post(chat, json={"messages": [{"role": "user", "content": "word " * 300}]}), 413)
     assert e["code"] == "context_length_exceeded"
     assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
 def test_full_queue_is_429(small_server):
     url, _ = small_server
-    long = {"model": MODEL_ID, "prompt": "Once", "max_tokens": 40, "ignore_eos": True, "stream": True}
+    # it holds the slot until the test lets go: up to the 256-token context, tens of seconds
+    long = {"model": MODEL_ID, "prompt": "Once", "max_tokens": 250, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=120) as h, h.stream("POST", url + "/v1/completions", json=long) as r:
-        next(line for line in r.iter_lines() if line.startswith("data: "))  # it holds the only slot
+        lines = r.iter_lines()  # kept referenced: a collected line iterator closes the connection
+        while not next(lines).startswith("data: "):  # the first token: it holds the only slot
+            pass
         with ThreadPoolExecutor(1) as pool:
             queued = pool.submit(httpx.post, url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
                                  timeout=120)
             deadline = time.time() + 10
             while httpx.get(url + "/health").json()["queued"] < 1 and time.time() < deadline:
                 time.sleep(0.02)
+            assert httpx.get(url + "/health").json()["queued"] == 1
             e = _err(httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}), 429, "server_busy")
             assert "--max-queue 1" in e["message"]
             r.close()  # the streaming client goes away: the queued request gets the slot
