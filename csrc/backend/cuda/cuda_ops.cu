@@ -183,6 +183,11 @@ class CudaOps final : public Ops {
   }
 
   void kv_reserve(int seq, int64_t n_layers, int64_t kv_dim, int64_t n_pos) override {
+    // Called by the stage thread before each job: when the slot is already large enough (the steady state)
+    // it returns without waiting for the stream.
+    const bool fits = kv_dim == kv_dim_ && seq < int(kv_.size()) && int64_t(kv_[size_t(seq)].k.size()) == n_layers &&
+                      n_pos <= kv_[size_t(seq)].cap;
+    if (fits && retired_.empty() && scratch_bytes_ >= scratch_reserve_) return;
     set_device();
     check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (kv_reserve)");
     for (void* p : retired_) cudaFree(p);
