@@ -11,11 +11,11 @@ import threading
 
 import numpy as np
 import pytest
+from test_cuda_engine import gpu_count, needs_gpu
 
 from turboprefill import Engine
 
 from conftest import SYNTHETIC
-from test_cuda_engine import gpu_count, needs_gpu
 
 pytestmark = [pytest.mark.cuda, needs_gpu]
 
