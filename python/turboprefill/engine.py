@@ -453,9 +453,7 @@ class Engine:
             return self._prefill_native(toks, None, None, all_logits, mm=seq != 0, seq=seq)
         from . import multimodal
 
-        if seq != 0:
-            raise ValueError("prompts with images run on sequence 0 (seq=0)")
-        return multimodal.prefill(self, tokens, images, all_logits)
+        return multimodal.prefill(self, tokens, images, all_logits, seq=seq)
 
     @property
     def next_pos(self) -> int:
