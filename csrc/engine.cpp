@@ -1,4 +1,4 @@
-// engine.cpp — model loading, stage placement and the prefill driver (see engine.h).
+// engine.cpp — model loading, stage placement, and the calls on sequence slots (prefill, decode; see engine.h).
 #include "engine.h"
 
 #include <algorithm>

@@ -71,6 +71,7 @@ class Engine {
   // Slot `seq`'s tokens and rope position of its next plain token.
   void seq_info(int seq, int64_t* n_past, int64_t* next_pos) const;
   int n_seq() const { return int(seqs_.size()); }
+  // Forget slot 0 (seq_free(0)); an error while a call runs on it.
   void reset();
   // Stops every running call (each returns TP_ERR_CANCELLED; its slots stay as they were).
   void cancel() { pipeline_->cancel(); }
