@@ -226,7 +226,10 @@ def test_same_sequence_twice_at_once_is_an_error(synthetic_model):
     t = threading.Thread(target=lambda: result.append(lib.tp_engine_prefill_seq(
         h, 1, ffi.cast("const int32_t *", ffi.from_buffer(long)), long.size, ffi.NULL, 0, ffi.NULL, 0, ffi.NULL, 0)))
     t.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while lib.tp_engine_seq_free(h, 1) == 0 and time.monotonic() < deadline:  # until the prompt is running
+        time.sleep(0.01)
+    assert "sequence 1 is running a call" in ffi.string(lib.tp_last_error()).decode()
     one = ffi.new("int32_t[]", [1])
     st, msg = _status(lambda: lib.tp_engine_decode(h, 1, one, one, ffi.NULL, 0))
     assert st == lib.TP_ERR_INVALID_ARGUMENT and "sequence 1 is already running" in msg
@@ -256,10 +259,24 @@ def test_cancel_during_interleaved_work_leaves_slots(synthetic_model):
                 outcome[key] = "cancelled"
         return go
 
-    threading.Timer(0.4, eng.cancel).start()
-    in_threads(run("a", lambda: eng.prefill(prompt(4000, 200, 5), seq=0)),
-               run("b", lambda: eng.prefill(prompt(3000, 200, 6), seq=1)),
-               run("decode", lambda: eng.decode([2], [7])))
+    stop = threading.Event()
+
+    def canceller():
+        # A cancel stops the calls already submitted: repeat it (as Ctrl-C does) until every call has ended,
+        # so that a thread that started late is cancelled too. The prompts take over a second alone.
+        time.sleep(0.1)
+        while not stop.wait(0.05):
+            eng.cancel()
+
+    c = threading.Thread(target=canceller)
+    c.start()
+    try:
+        in_threads(run("a", lambda: eng.prefill(prompt(6000, 200, 5), seq=0)),
+                   run("b", lambda: eng.prefill(prompt(5000, 200, 6), seq=1)),
+                   run("decode", lambda: eng.decode([2], [7])))
+    finally:
+        stop.set()
+        c.join()
     assert outcome["a"] == outcome["b"] == outcome["decode"] == "cancelled"
     n_decoded = eng.seq_info(2)[0] - 30
     assert [(eng.seq_info(s), eng.kv_digest(s)) for s in range(2)] == before[:2]
