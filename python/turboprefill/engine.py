@@ -6,7 +6,8 @@ the C ABI. A prefill runs in a helper thread so that Ctrl-C in the caller cancel
 An Engine holds n_seq sequences (KV slots). prefill(..., seq=), decode(seqs, tokens), free_seq and seq_info
 may be called from several threads at once on different sequences: their ubatches share the pipeline and
 each sequence's results are exactly what it would get alone. Calls on one sequence wait for each other;
-reset, save_state and load_state wait for every running call.
+reset, save_state and load_state wait for every running call. cancel() (and Ctrl-C during a call) stops every
+running call of the engine, on all sequences.
 """
 
 from __future__ import annotations
@@ -275,6 +276,7 @@ class Engine:
         self.schedule = schedule
         self._tokenizer = None
         self.n_seq = int(n_seq)
+        self._n_vocab = int(self.config["n_vocab"])  # read once: decode() runs per generated token
         # One lock per sequence: calls on different sequences run concurrently. Whole-engine operations take
         # all of them, always in increasing order (as decode does for its sequences), so none can deadlock.
         self._seq_locks = [threading.Lock() for _ in range(self.n_seq)]
@@ -575,7 +577,7 @@ class Engine:
         if len(set(seq_list)) != n:
             raise ValueError(f"decode lists a sequence twice: {seq_list}")
         seq_arr = np.asarray(seq_list, dtype=np.int32)
-        logits = np.empty((n, self.config["n_vocab"]), dtype=np.float32)
+        logits = np.empty((n, self._n_vocab), dtype=np.float32)
         h = self._handle()
         seq_p = ffi.cast("const int32_t *", ffi.from_buffer(seq_arr))
         tok_p = ffi.cast("const int32_t *", ffi.from_buffer(toks))
