@@ -166,6 +166,8 @@ tp_status tp_engine_create(const tp_engine_params* params, tp_engine** out) {
   for (int i = 0; i < params->n_stage_threads; ++i) p.stage_threads.push_back(params->stage_threads[i]);
   p.ubatch_min = params->ubatch_min;
   p.ubatch_cost = {params->ubatch_cost_tok, params->ubatch_cost_pair, params->ubatch_cost_step};
+  p.n_seq = params->n_seq > 1 ? params->n_seq : 1;
+  if (params->n_seq < 0) tp::fail(TP_ERR_INVALID_ARGUMENT, "n_seq must be >= 0 (got %d)", params->n_seq);
   auto* e = new tp_engine;
   try {
     e->impl = std::make_unique<tp::Engine>(p);
@@ -209,14 +211,16 @@ tp_status tp_engine_info(const tp_engine* engine, tp_model_info* out) {
   std::strncpy(out->rope_scaling, scaling, sizeof(out->rope_scaling) - 1);
   for (int i = 0; i < 4; ++i) out->rope_sections[i] = c.rope_sections[i];
   out->next_pos = e.next_pos();
+  out->n_seq = e.n_seq();
   TP_GUARD_END
 }
 
 tp_status tp_engine_moe_stats(const tp_engine* engine, int64_t* steps, int64_t* experts) {
   TP_GUARD_BEGIN
   if (!engine || !steps || !experts) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_moe_stats: NULL argument");
-  *steps = engine->impl->router_stats().calls;
-  *experts = engine->impl->router_stats().experts;
+  const tp::Ops::RouterStats r = engine->impl->router_stats();
+  *steps = r.calls;
+  *experts = r.experts;
   TP_GUARD_END
 }
 
@@ -248,6 +252,19 @@ void tp_engine_cancel(tp_engine* engine) {
   if (engine) engine->impl->cancel();
 }
 
+namespace {
+void copy_trace(const std::vector<tp::TraceEvent>& tr, tp_trace_event* events, int64_t cap, int64_t* n_events) {
+  *n_events = int64_t(tr.size());
+  for (int64_t i = 0; events && i < cap && i < int64_t(tr.size()); ++i) {
+    events[i].stage = tr[size_t(i)].stage;
+    events[i].ubatch = tr[size_t(i)].ubatch;
+    events[i].n_tokens = tr[size_t(i)].n_tokens;
+    events[i].t_start = tr[size_t(i)].t_start;
+    events[i].t_end = tr[size_t(i)].t_end;
+  }
+}
+}  // namespace
+
 tp_status tp_engine_last_seconds(const tp_engine* engine, double* seconds) {
   TP_GUARD_BEGIN
   if (!engine || !seconds) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_last_seconds: NULL argument");
@@ -258,15 +275,7 @@ tp_status tp_engine_last_seconds(const tp_engine* engine, double* seconds) {
 tp_status tp_engine_trace(const tp_engine* engine, tp_trace_event* events, int64_t cap, int64_t* n_events) {
   TP_GUARD_BEGIN
   if (!engine || !n_events) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_trace: NULL argument");
-  const auto& tr = engine->impl->trace();
-  *n_events = int64_t(tr.size());
-  for (int64_t i = 0; events && i < cap && i < int64_t(tr.size()); ++i) {
-    events[i].stage = tr[size_t(i)].stage;
-    events[i].ubatch = tr[size_t(i)].ubatch;
-    events[i].n_tokens = tr[size_t(i)].n_tokens;
-    events[i].t_start = tr[size_t(i)].t_start;
-    events[i].t_end = tr[size_t(i)].t_end;
-  }
+  copy_trace(engine->impl->trace(), events, cap, n_events);
   TP_GUARD_END
 }
 
@@ -274,6 +283,62 @@ tp_status tp_engine_kv_digest(const tp_engine* engine, uint64_t* digest) {
   TP_GUARD_BEGIN
   if (!engine || !digest) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_kv_digest: NULL argument");
   *digest = engine->impl->kv_digest();
+  TP_GUARD_END
+}
+
+tp_status tp_engine_prefill_seq(tp_engine* engine, int32_t seq, const int32_t* tokens, int64_t n, const float* embd,
+                                int64_t n_embd_rows, const int32_t* pos, int32_t all_logits, float* logits,
+                                int64_t logits_len) {
+  TP_GUARD_BEGIN
+  if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_prefill_seq: engine is NULL");
+  engine->impl->prefill_seq(seq, tokens, n, embd, n_embd_rows, pos, all_logits != 0, logits, logits_len);
+  TP_GUARD_END
+}
+
+tp_status tp_engine_decode(tp_engine* engine, int32_t n, const int32_t* seqs, const int32_t* tokens, float* logits,
+                           int64_t logits_len) {
+  TP_GUARD_BEGIN
+  if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_decode: engine is NULL");
+  engine->impl->decode(n, seqs, tokens, logits, logits_len);
+  TP_GUARD_END
+}
+
+tp_status tp_engine_seq_free(tp_engine* engine, int32_t seq) {
+  TP_GUARD_BEGIN
+  if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_seq_free: engine is NULL");
+  engine->impl->seq_free(seq);
+  TP_GUARD_END
+}
+
+tp_status tp_engine_seq_info(const tp_engine* engine, int32_t seq, int64_t* n_past, int64_t* next_pos) {
+  TP_GUARD_BEGIN
+  if (!engine || !n_past || !next_pos) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_seq_info: NULL argument");
+  engine->impl->seq_info(seq, n_past, next_pos);
+  TP_GUARD_END
+}
+
+tp_status tp_engine_seq_trace(const tp_engine* engine, int32_t seq, tp_trace_event* events, int64_t cap,
+                              int64_t* n_events, double* seconds) {
+  TP_GUARD_BEGIN
+  if (!engine || !n_events) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_seq_trace: NULL argument");
+  copy_trace(engine->impl->trace(seq), events, cap, n_events);
+  if (seconds) *seconds = engine->impl->last_seconds(seq);
+  TP_GUARD_END
+}
+
+tp_status tp_engine_seq_moe_stats(const tp_engine* engine, int32_t seq, int64_t* steps, int64_t* experts) {
+  TP_GUARD_BEGIN
+  if (!engine || !steps || !experts) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_seq_moe_stats: NULL argument");
+  const tp::Ops::RouterStats r = engine->impl->router_stats(seq);
+  *steps = r.calls;
+  *experts = r.experts;
+  TP_GUARD_END
+}
+
+tp_status tp_engine_seq_kv_digest(const tp_engine* engine, int32_t seq, uint64_t* digest) {
+  TP_GUARD_BEGIN
+  if (!engine || !digest) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_seq_kv_digest: NULL argument");
+  *digest = engine->impl->kv_digest(seq);
   TP_GUARD_END
 }
 

@@ -1,4 +1,4 @@
-// engine.cpp — model loading, stage placement and the prefill driver (see engine.h).
+// engine.cpp — model loading, stage placement, and the calls on sequence slots (prefill, decode; see engine.h).
 #include "engine.h"
 
 #include <algorithm>
@@ -16,6 +16,9 @@
 namespace tp {
 
 namespace {
+
+// Sequence slots cost nothing until used, but each is a row of per-slot tables in every stage.
+constexpr int kMaxSeq = 4096;
 
 std::string trim(const std::string& s) {
   size_t b = s.find_first_not_of(" \t"), e = s.find_last_not_of(" \t");
@@ -150,6 +153,9 @@ Engine::Engine(const EngineParams& p) : params_(p) {
   if (p.threads < 0) fail(TP_ERR_INVALID_ARGUMENT, "threads must be >= 0 (got %d)", p.threads);
   if (p.ring_slots < 0) fail(TP_ERR_INVALID_ARGUMENT, "ring_slots must be >= 0 (got %d)", p.ring_slots);
   if (p.n_ctx < 0) fail(TP_ERR_INVALID_ARGUMENT, "n_ctx must be >= 0 (got %lld)", (long long)p.n_ctx);
+  if (p.n_seq < 1 || p.n_seq > kMaxSeq)
+    fail(TP_ERR_INVALID_ARGUMENT, "n_seq must be in [1, %d] (got %d)", kMaxSeq, p.n_seq);
+  seqs_.resize(size_t(p.n_seq));
 
   file_ = std::make_unique<GgufFile>(p.model_path);
   cfg_ = load_config(*file_);
@@ -226,7 +232,7 @@ void Engine::place_stages(const EngineParams& p) {
       }
       stages_.push_back(std::move(st));
     }
-    pipeline_ = std::make_unique<Pipeline>(stages_, cfg_, w_, U, p.ring_slots);
+    pipeline_ = std::make_unique<Pipeline>(stages_, cfg_, w_, U, p.ring_slots, p.schedule);
   } catch (const std::bad_alloc&) {
     fail(TP_ERR_OUT_OF_MEMORY, "out of memory allocating activation buffers for ubatch %lld (n_embd %lld, n_ff %lld)",
          (long long)U, (long long)cfg_.n_embd, (long long)cfg_.n_ff);
@@ -242,11 +248,65 @@ void Engine::prefill(const int32_t* tokens, int64_t n, bool all_logits, float* l
   prefill_mm(tokens, n, nullptr, 0, nullptr, all_logits, logits, logits_len);
 }
 
-void Engine::prefill_mm(const int32_t* tokens, int64_t n, const float* embd, int64_t n_embd_rows, const int32_t* pos,
-                        bool all_logits, float* logits, int64_t logits_len) {
-  std::unique_lock<std::mutex> lk(busy_, std::try_to_lock);
-  if (!lk.owns_lock())
-    fail(TP_ERR_INVALID_ARGUMENT, "the engine is already running a prefill (one call at a time per Engine)");
+class Engine::Claim {
+ public:
+  Claim(Engine& e, const int32_t* seqs, int64_t n, const char* what) : e_(e) {
+    std::lock_guard<std::mutex> lk(e.seq_mu_);
+    for (int64_t i = 0; i < n; ++i)
+      if (e.seqs_[size_t(seqs[i])].busy)
+        fail(TP_ERR_INVALID_ARGUMENT, "%s: sequence %d is already running a call (one call at a time per sequence)",
+             what, seqs[i]);
+    for (int64_t i = 0; i < n; ++i) e.seqs_[size_t(seqs[i])].busy = true;
+    seqs_.assign(seqs, seqs + n);
+  }
+  ~Claim() {
+    std::lock_guard<std::mutex> lk(e_.seq_mu_);
+    for (int32_t s : seqs_) e_.seqs_[size_t(s)].busy = false;
+  }
+  Claim(const Claim&) = delete;
+  Claim& operator=(const Claim&) = delete;
+
+ private:
+  Engine& e_;
+  std::vector<int32_t> seqs_;
+};
+
+void Engine::check_seq(int seq) const {
+  if (seq < 0 || seq >= n_seq())
+    fail(TP_ERR_INVALID_ARGUMENT, "sequence id %d is out of range [0, %d) (the Engine was created with n_seq=%d)", seq,
+         n_seq(), n_seq());
+}
+
+Engine::Slot Engine::slot(int seq) const {
+  check_seq(seq);
+  std::lock_guard<std::mutex> lk(seq_mu_);
+  return seqs_[size_t(seq)];
+}
+
+void Engine::seq_free(int seq) {
+  check_seq(seq);
+  std::lock_guard<std::mutex> lk(seq_mu_);
+  Slot& s = seqs_[size_t(seq)];
+  if (s.busy) fail(TP_ERR_INVALID_ARGUMENT, "sequence %d is running a call; cancel it or wait before freeing it", seq);
+  s.n_past = s.next_pos = 0;  // the KV memory stays with the slot for its next prompt
+}
+
+void Engine::reset() {
+  std::lock_guard<std::mutex> lk(seq_mu_);
+  if (seqs_[0].busy) fail(TP_ERR_INVALID_ARGUMENT, "reset() while a prefill is running; cancel it first");
+  seqs_[0].n_past = seqs_[0].next_pos = 0;
+}
+
+void Engine::seq_info(int seq, int64_t* n_past, int64_t* next_pos) const {
+  check_seq(seq);
+  std::lock_guard<std::mutex> lk(seq_mu_);
+  *n_past = seqs_[size_t(seq)].n_past;
+  *next_pos = seqs_[size_t(seq)].next_pos;
+}
+
+void Engine::prefill_seq(int seq, const int32_t* tokens, int64_t n, const float* embd, int64_t n_embd_rows,
+                         const int32_t* pos, bool all_logits, float* logits, int64_t logits_len) {
+  check_seq(seq);
   if (n <= 0) fail(TP_ERR_INVALID_ARGUMENT, "prefill needs at least one token (got %lld)", (long long)n);
   if (!tokens) fail(TP_ERR_INVALID_ARGUMENT, "tokens is NULL");
   if (n_embd_rows < 0 || (n_embd_rows > 0 && !embd))
@@ -262,87 +322,134 @@ void Engine::prefill_mm(const int32_t* tokens, int64_t n, const float* embd, int
   if (pos && !cfg_.mrope())
     fail(TP_ERR_INVALID_ARGUMENT, "explicit positions given but the model (%s) has no M-RoPE sections; pass pos=None",
          cfg_.arch_name.c_str());
-  if (n_past_ + n > n_ctx_)
-    fail(TP_ERR_CONTEXT_OVERFLOW,
-         "prompt of %lld tokens after %lld already in the sequence exceeds the context of %lld tokens; create the "
-         "Engine with a larger n_ctx (the model was trained with %lld) or call reset()",
-         (long long)n, (long long)n_past_, (long long)n_ctx_, (long long)cfg_.n_ctx_train);
   const int64_t need = all_logits ? n * cfg_.n_vocab : cfg_.n_vocab;
   if (logits && logits_len < need)
     fail(TP_ERR_INVALID_ARGUMENT, "logits buffer holds %lld floats, need %lld", (long long)logits_len, (long long)need);
 
+  std::shared_lock<std::shared_mutex> state(state_mu_);
+  const int32_t seq32 = seq;
+  Claim claim(*this, &seq32, 1, "prefill");
+  const Slot cur = slot(seq);
+  if (cur.n_past + n > n_ctx_)
+    fail(TP_ERR_CONTEXT_OVERFLOW,
+         "prompt of %lld tokens after %lld already in sequence %d exceeds the context of %lld tokens; create the "
+         "Engine with a larger n_ctx (the model was trained with %lld) or free the sequence",
+         (long long)n, (long long)cur.n_past, seq, (long long)n_ctx_, (long long)cfg_.n_ctx_train);
   file_->check_intact();  // weights are views of the mapping: a truncated file would be SIGBUS, not an error
-  const int64_t n_pos = n_past_ + n;
-  for (auto& st : stages_) {
-    try {
-      st->ops->kv_reserve(st->n_layers(), cfg_.kv_dim(), n_pos);
-    } catch (const Error& e) {
-      if (e.status() != TP_ERR_OUT_OF_MEMORY) throw;
-      fail(TP_ERR_OUT_OF_MEMORY, "stage %d (layers %lld-%lld): %s", st->index, (long long)st->layer_begin,
-           (long long)st->layer_end - 1, e.what());
-    } catch (const std::bad_alloc&) {
-      fail(TP_ERR_OUT_OF_MEMORY, "stage %d (%s): out of memory growing the KV cache to %lld positions (%.1f MiB)",
-           st->index, st->device.c_str(), (long long)n_pos,
-           double(2 * st->n_layers() * cfg_.kv_dim() * n_pos * 4) / (1 << 20));
-    }
-  }
 
   // M-RoPE models always run on explicit ids: without the caller's, the plain ones from next_pos.
   std::vector<int32_t> plain;
-  int64_t next_pos = n_past_ + n;
+  int64_t next_pos = cur.n_past + n;
   if (cfg_.mrope() && !pos) {
-    if (next_pos_ + n > INT32_MAX)
-      fail(TP_ERR_CONTEXT_OVERFLOW, "rope positions %lld.. of %lld tokens exceed int32", (long long)next_pos_,
+    if (cur.next_pos + n > INT32_MAX)
+      fail(TP_ERR_CONTEXT_OVERFLOW, "rope positions %lld.. of %lld tokens exceed int32", (long long)cur.next_pos,
            (long long)n);
     plain.assign(size_t(4 * n), 0);
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t s = 0; s < 3; ++s) plain[size_t(s * n + i)] = int32_t(next_pos_ + i);
+      for (int64_t s = 0; s < 3; ++s) plain[size_t(s * n + i)] = int32_t(cur.next_pos + i);
     pos = plain.data();
-    next_pos = next_pos_ + n;
+    next_pos = cur.next_pos + n;
   } else if (pos) {
-    next_pos = next_pos_;
+    next_pos = cur.next_pos;
     for (int64_t i = 0; i < 3 * n; ++i) next_pos = std::max(next_pos, int64_t(pos[i]) + 1);
   }
 
-  PrefillJob job;
+  Job job;
   job.tokens = tokens;
   job.embd = embd;
   job.pos = pos;
   job.n = n;
-  job.pos0 = n_past_;
+  job.seq = seq;
+  job.pos0 = cur.n_past;
   job.all_logits = all_logits;
   job.logits = logits;
-  job.schedule = params_.schedule;
   if (params_.ubatch_auto) {
     const UbatchCost k = params_.ubatch_cost.tok > 0 ? params_.ubatch_cost : ubatch_cost_defaults(cfg_);
     const int64_t umin = params_.ubatch_min > 0 ? params_.ubatch_min : std::max<int64_t>(1, params_.ubatch / 8);
-    job.bounds = plan_ubatches(cfg_, k, n, n_past_, umin, params_.ubatch, int64_t(stages_.size()));
+    job.bounds = plan_ubatches(cfg_, k, n, cur.n_past, umin, params_.ubatch, int64_t(stages_.size()));
   }
-  trace_.clear();
-  for (auto& st : stages_) st->ops->take_router_stats();  // drop counts a failed prefill left behind
   const double t0 = now_seconds();
-  trace_ = pipeline_->run(job);
-  last_seconds_ = now_seconds() - t0;
-  n_past_ += n;
-  next_pos_ = next_pos;
-  router_stats_ = {0, 0};
-  for (auto& st : stages_) {
-    const Ops::RouterStats r = st->ops->take_router_stats();
-    if (r.calls < 0 || router_stats_.calls < 0)
-      router_stats_ = {-1, -1};
-    else
-      router_stats_ = {router_stats_.calls + r.calls, router_stats_.experts + r.experts};
+  std::vector<TraceEvent> trace = pipeline_->run(job);
+  const double seconds = now_seconds() - t0;
+  std::lock_guard<std::mutex> lk(seq_mu_);
+  Slot& s = seqs_[size_t(seq)];
+  s.n_past += n;
+  s.next_pos = next_pos;
+  s.trace = std::move(trace);
+  s.seconds = seconds;
+  s.router = job.router;
+}
+
+void Engine::decode(int64_t n, const int32_t* seqs, const int32_t* tokens, float* logits, int64_t logits_len) {
+  if (n <= 0) fail(TP_ERR_INVALID_ARGUMENT, "decode needs at least one sequence (got %lld)", (long long)n);
+  if (!seqs || !tokens) fail(TP_ERR_INVALID_ARGUMENT, "decode: seqs and tokens must not be NULL");
+  if (n > n_seq())
+    fail(TP_ERR_INVALID_ARGUMENT, "decode of %lld rows but the Engine has %d sequences (one row per sequence)",
+         (long long)n, n_seq());
+  std::vector<bool> seen(size_t(n_seq()), false);
+  for (int64_t i = 0; i < n; ++i) {
+    check_seq(seqs[i]);
+    if (seen[size_t(seqs[i])])
+      fail(TP_ERR_INVALID_ARGUMENT, "decode lists sequence %d twice (one token per sequence per call)", seqs[i]);
+    seen[size_t(seqs[i])] = true;
+    if (tokens[i] < 0 || tokens[i] >= cfg_.n_vocab)
+      fail(TP_ERR_INVALID_ARGUMENT, "token id %d for sequence %d is out of range [0, %lld)", tokens[i], seqs[i],
+           (long long)cfg_.n_vocab);
+  }
+  if (logits && logits_len < n * cfg_.n_vocab)
+    fail(TP_ERR_INVALID_ARGUMENT, "logits buffer holds %lld floats, need %lld (n × n_vocab)", (long long)logits_len,
+         (long long)(n * cfg_.n_vocab));
+
+  std::shared_lock<std::shared_mutex> state(state_mu_);
+  Claim claim(*this, seqs, n, "decode");
+  Job job;
+  job.rows.resize(size_t(n));
+  std::vector<int32_t> pos(size_t(4 * n), 0);
+  {
+    std::lock_guard<std::mutex> lk(seq_mu_);
+    for (int64_t i = 0; i < n; ++i) {
+      const Slot& s = seqs_[size_t(seqs[i])];
+      if (s.n_past + 1 > n_ctx_)
+        fail(TP_ERR_CONTEXT_OVERFLOW, "sequence %d already holds %lld tokens, the whole context of %lld; free it or "
+             "create the Engine with a larger n_ctx", seqs[i], (long long)s.n_past, (long long)n_ctx_);
+      if (s.next_pos >= INT32_MAX)
+        fail(TP_ERR_CONTEXT_OVERFLOW, "sequence %d: rope position %lld exceeds int32", seqs[i], (long long)s.next_pos);
+      job.rows[size_t(i)] = {seqs[i], s.n_past};
+      // Rows sit at unrelated positions, so rope always takes explicit ids: t (h, w for M-RoPE) = next_pos.
+      for (int64_t sec = 0; sec < 3; ++sec) pos[size_t(sec * n + i)] = int32_t(s.next_pos);
+    }
+  }
+  file_->check_intact();
+  job.tokens = tokens;
+  job.pos = pos.data();
+  job.n = n;
+  job.all_logits = true;
+  job.logits = logits;
+  const double t0 = now_seconds();
+  std::vector<TraceEvent> trace = pipeline_->run(job);
+  const double seconds = now_seconds() - t0;
+  std::lock_guard<std::mutex> lk(seq_mu_);
+  for (int64_t i = 0; i < n; ++i) {
+    Slot& s = seqs_[size_t(seqs[i])];
+    s.n_past += 1;
+    s.next_pos += 1;
+    s.trace = trace;
+    s.seconds = seconds;
+    s.router = job.router;
   }
 }
 
-uint64_t Engine::kv_digest() const {
+uint64_t Engine::kv_digest(int seq) const {
+  check_seq(seq);
+  std::unique_lock<std::shared_mutex> state(state_mu_);
+  const int64_t n_past = slot(seq).n_past;
   uint64_t h = 1469598103934665603ull;
   std::vector<float> k, v;
   for (const auto& st : stages_) {
-    k.resize(size_t(n_past_ * cfg_.kv_dim()));
+    k.resize(size_t(n_past * cfg_.kv_dim()));
     v.resize(k.size());
     for (int64_t l = 0; l < st->n_layers(); ++l) {
-      st->ops->kv_to_host(int(l), k.data(), v.data(), n_past_);
+      st->ops->kv_to_host(seq, int(l), k.data(), v.data(), n_past);
       for (const std::vector<float>* buf : {&k, &v}) {
         const auto* p = reinterpret_cast<const uint8_t*>(buf->data());
         for (size_t i = 0; i < buf->size() * sizeof(float); ++i) h = (h ^ p[i]) * 1099511628211ull;

@@ -1,4 +1,4 @@
-// state.cpp — Engine::save_state / load_state: the sequence's KV cache as a file (a prefix cache).
+// state.cpp — Engine::save_state / load_state: slot 0's KV cache as a file (a prefix cache).
 //
 // A state is only meaningful for the exact model and placement that wrote it: the cache is per stage and
 // per stage-local layer, and its values depend on every weight. So the file opens with an identity
@@ -121,9 +121,10 @@ class File {
 }  // namespace
 
 void Engine::save_state(const std::string& path) {
-  std::unique_lock<std::mutex> lk(busy_, std::try_to_lock);
-  if (!lk.owns_lock()) fail(TP_ERR_INVALID_ARGUMENT, "save_state() while a prefill is running; wait for it");
-  const int64_t kv_dim = cfg_.kv_dim(), n = n_past_;
+  // Exclusive: the caches are read from this thread, so no stage may be working meanwhile.
+  std::unique_lock<std::shared_mutex> state(state_mu_);
+  const Slot cur = slot(0);
+  const int64_t kv_dim = cfg_.kv_dim(), n = cur.n_past;
   // Written to a temporary name and renamed, so a failed save never leaves a half state under `path`.
   const std::string tmp = path + ".tmp";
   {
@@ -138,7 +139,7 @@ void Engine::save_state(const std::string& path) {
     f.put<int64_t>(int64_t(stages_.size()));
     for (const auto& st : stages_) f.put<int64_t>(st->n_layers());
     f.put<int64_t>(n);
-    f.put<int64_t>(next_pos_);
+    f.put<int64_t>(cur.next_pos);
     char kt[8] = {};
     std::strncpy(kt, stage_kv_type(*stages_[0]), sizeof kt - 1);
     f.write(kt, sizeof kt);
@@ -146,7 +147,7 @@ void Engine::save_state(const std::string& path) {
     std::vector<float> k(size_t(n * kv_dim)), v(k.size());
     for (const auto& st : stages_)
       for (int64_t l = 0; l < st->n_layers(); ++l) {
-        if (n > 0) st->ops->kv_to_host(int(l), k.data(), v.data(), n);
+        if (n > 0) st->ops->kv_to_host(0, int(l), k.data(), v.data(), n);
         f.write(k.data(), k.size() * sizeof(float), &h);
         f.write(v.data(), v.size() * sizeof(float), &h);
       }
@@ -160,8 +161,7 @@ void Engine::save_state(const std::string& path) {
 }
 
 void Engine::load_state(const std::string& path) {
-  std::unique_lock<std::mutex> lk(busy_, std::try_to_lock);
-  if (!lk.owns_lock()) fail(TP_ERR_INVALID_ARGUMENT, "load_state() while a prefill is running; wait for it");
+  std::unique_lock<std::shared_mutex> state(state_mu_);  // exclusive, as save_state
   File f(path, "rb", "load the state");
   char magic[8];
   f.read(magic, sizeof magic);
@@ -231,15 +231,19 @@ void Engine::load_state(const std::string& path) {
   if (f.get<uint64_t>() != h.h)
     fail(TP_ERR_FORMAT, "%s is corrupt (KV data checksum mismatch); save it again", who);
 
-  n_past_ = next_pos_ = 0;  // until every stage holds the loaded cache
+  auto set_slot0 = [&](int64_t n_past, int64_t next_pos) {
+    std::lock_guard<std::mutex> lk(seq_mu_);
+    seqs_[0].n_past = n_past;
+    seqs_[0].next_pos = next_pos;
+  };
+  set_slot0(0, 0);  // until every stage holds the loaded cache
   size_t off = 0;
   for (auto& st : stages_) {
-    st->ops->kv_reserve(st->n_layers(), cfg_.kv_dim(), std::max<int64_t>(hd.n_past, 1));
+    st->ops->kv_reserve(0, st->n_layers(), cfg_.kv_dim(), std::max<int64_t>(hd.n_past, 1));
     for (int64_t l = 0; l < st->n_layers() && hd.n_past > 0; ++l, off += 2 * per)  // an empty state has no data
-      st->ops->kv_from_host(int(l), data.data() + off, data.data() + off + per, hd.n_past);
+      st->ops->kv_from_host(0, int(l), data.data() + off, data.data() + off + per, hd.n_past);
   }
-  n_past_ = hd.n_past;
-  next_pos_ = hd.next_pos;
+  set_slot0(hd.n_past, hd.next_pos);
 }
 
 }  // namespace tp

@@ -2,8 +2,9 @@
 tests/cuda_emu (CMake TP_CUDA_EMULATE=ON: kernels run as CPU fibers, the runtime's streams, events, peer
 copies and allocations are reimplemented over host memory; see tests/cuda_emu/emu.h for what it models and
 checks). Then every ``cuda``-marked test of test_cuda_ops.py, test_cuda_moe.py, test_cuda_matmul.py,
-test_cuda_engine.py, test_cuda_mrope.py and test_cuda_vision.py runs against that library in a subprocess
-(TURBOPREFILL_LIB), with two emulated GPUs of compute capability 8.6, as does ``turboprefill selftest --quick``.
+test_cuda_engine.py, test_cuda_mrope.py, test_cuda_vision.py and test_cuda_seq.py runs against that library
+in a subprocess (TURBOPREFILL_LIB), with two emulated GPUs of compute capability 8.6, as does ``turboprefill
+selftest --quick``.
 
 What this proves beyond the CPU tests: the CUDA kernels' indexing, tiling, shared memory, masks and mma.sync
 fragment layouts; launch configurations; the Ops glue; the pipeline's cross-GPU hand-off, whose streams
@@ -34,6 +35,7 @@ _GPU_TESTS = [
     "tests/test_cuda_engine.py",
     "tests/test_cuda_mrope.py",
     "tests/test_cuda_vision.py",
+    "tests/test_cuda_seq.py",
 ]
 
 

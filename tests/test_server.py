@@ -49,18 +49,13 @@ def serve(engine, parallel=1, max_queue=32):
         sock.close()
 
 
+SLOTS = 4  # the main test server's --parallel: fewer than the 16 concurrent clients, so some queue
+
+
 def _engine(path, n_ctx, parallel=1):
     from turboprefill import Engine
 
-    extra = {"n_seq": parallel} if parallel > 1 else {}
-    return Engine(path, threads=2, n_ctx=n_ctx, **extra)
-
-
-def _parallel_slots():
-    """Slots the server can run at once: 4 on an engine with several sequences, else 1 (requests queue)."""
-    from turboprefill import Engine
-
-    return 4 if hasattr(Engine, "decode") else 1
+    return Engine(path, threads=2, n_ctx=n_ctx, n_seq=parallel)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +67,8 @@ def ref_engine(smollm2_path):
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    slots = _parallel_slots()
-    eng = _engine(smollm2_path, 512, slots)
-    with serve(eng, parallel=slots) as url:
+    eng = _engine(smollm2_path, 512, SLOTS)
+    with serve(eng, parallel=SLOTS) as url:
         yield url
     eng.close()
 
@@ -92,7 +86,7 @@ def test_models_health_metrics(server):
     r = httpx.get(server + "/v1/models")
     assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL_ID
     h = httpx.get(server + "/health").json()
-    assert h["status"] == "ok" and h["slots"] == _parallel_slots()
+    assert h["status"] == "ok" and h["slots"] == SLOTS
     m = httpx.get(server + "/metrics").text
     for name in ("tp_time_to_first_token_seconds", "tp_inter_token_latency_seconds", "tp_prefill_tokens_per_second",
                  "tp_decode_tokens_per_second", "tp_requests_queued", "tp_requests_running"):
@@ -147,6 +141,16 @@ def test_stop_strings_are_not_streamed(client, ref_engine):
                                                  stop=[stop], stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == full[: full.index(stop)] and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_requests_in_all_slots_at_once_get_what_each_gets_alone(client):
+    def one(n):
+        r = client.completions.create(model=MODEL_ID, prompt=f"List {n} fruits:", temperature=0, max_tokens=6)
+        return r.choices[0].text
+
+    alone = [one(n) for n in range(SLOTS)]
+    with ThreadPoolExecutor(SLOTS) as pool:
+        assert list(pool.map(one, range(SLOTS))) == alone
 
 
 @pytest.mark.slow
@@ -266,9 +270,7 @@ def test_engine_failure_is_500_and_the_server_lives(small_server):
 
 
 def test_disconnect_during_prefill_cancels_it(smollm2_path):
-    """On a one-sequence engine the prefill itself is cancelled: the prompt is never counted as prefilled."""
-    if _parallel_slots() > 1:
-        pytest.skip("with several sequences a prefill in flight finishes before its slot is freed")
+    """With one slot the prefill itself is cancelled: the prompt is never counted as prefilled."""
     eng = _engine(smollm2_path, 2048)
     try:
         with serve(eng) as url:

@@ -121,6 +121,33 @@ def test_schedules_bit_identical_with_an_image(pair, image):
     assert s[2:4] == p[2:4]
 
 
+def test_image_prompts_on_two_sequences_at_once(pair, image):
+    """Image prompts on sequences 0 and 1 from two threads (one shared vision tower) each give what the prompt
+    gets alone, and a batched decode after them continues at each sequence's rope position past its image."""
+    import threading
+
+    tp, mp = pair
+    kw = dict(mmproj=mp, devices="cpu:0,cpu:1", threads=1, ubatch=16, n_ctx=2048, layer_split=None)
+    with Engine(tp, **kw) as eng:
+        r = eng.prefill(FX.messages(image), all_logits=True)
+        tok = int(np.argmax(r.logits[-1]))
+        want = (r.logits, eng.prefill([tok]).logits, eng.kv_digest(), eng.next_pos)
+    with Engine(tp, n_seq=2, **kw) as eng:
+        res = {}
+        threads = [threading.Thread(target=lambda s=s: res.__setitem__(
+            s, eng.prefill(FX.messages(image), all_logits=True, seq=s))) for s in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        nxt = eng.decode([1, 0], [tok, tok])
+        for seq, row in ((0, 1), (1, 0)):
+            np.testing.assert_array_equal(res[seq].logits, want[0])
+            np.testing.assert_array_equal(nxt[row], want[1])
+            assert eng.kv_digest(seq) == want[2] and eng.seq_info(seq)[1] == want[3]
+            assert res[seq].stats["image_tokens"] == 54
+
+
 def test_stats_trace_and_generate(pair, image, tmp_path):
     tp, mp = pair
     with Engine(tp, mmproj=mp, devices="cpu", threads=2, ubatch=64, n_ctx=2048) as eng:

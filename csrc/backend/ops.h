@@ -3,8 +3,9 @@
 // The decoder layer (model/decoder.cpp) is written once against Ops; a backend implements the kernels on
 // its own memory. All activation pointers are the backend's memory (host for cpu, device for cuda) and
 // row-major: [n_tok, dim] means n_tok rows of dim contiguous floats. Weight Tensors come from the stage,
-// which hands the backend its own copy when it has one. Ops also own the stage's KV cache, indexed by the
-// stage-local layer number, because its layout is the backend's business.
+// which hands the backend its own copy when it has one. Ops also own the stage's KV cache, indexed by
+// sequence slot and stage-local layer number, because its layout is the backend's business. Each slot grows
+// on its own (kv_reserve), so an engine of many slots holds only what its sequences have used.
 #pragma once
 
 #include <chrono>
@@ -45,9 +46,10 @@ class Ops {
   // Buffer of n int32 (expert ids) in the backend's memory (freed with the Ops).
   virtual int32_t* alloc_i32(int64_t n) = 0;
 
-  // KV cache for n_layers stage-local layers of kv_dim floats per token, large enough for n_pos positions.
-  // Grows (keeping contents) when called again with a larger n_pos.
-  virtual void kv_reserve(int64_t n_layers, int64_t kv_dim, int64_t n_pos) = 0;
+  // KV cache of sequence slot `seq` (>= 0) for n_layers stage-local layers of kv_dim floats per token, large
+  // enough for n_pos positions. Grows (keeping contents) when called again with a larger n_pos; other slots
+  // are untouched. Every slot of one Ops has the same n_layers and kv_dim.
+  virtual void kv_reserve(int seq, int64_t n_layers, int64_t kv_dim, int64_t n_pos) = 0;
 
   // out[i] = table[tokens[i]] * scale                                 out: [n, table.cols]
   virtual void embed(float* out, const Tensor& table, const int32_t* tokens, int64_t n, float scale) = 0;
@@ -67,11 +69,11 @@ class Ops {
   // base^0 (ggml's GGML_ROPE_TYPE_VISION). Every head_dim entry is rotated.
   virtual void rope(float* x, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t pos0, const RopeParams& p,
                     const int32_t* pos) = 0;
-  // Store k, v ([n_tok, kv_dim]) for positions pos0.. of stage-local layer `layer`.
-  virtual void kv_store(int layer, const float* k, const float* v, int64_t pos0, int64_t n_tok) = 0;
+  // Store k, v ([n_tok, kv_dim]) for positions pos0.. of slot `seq`, stage-local layer `layer`.
+  virtual void kv_store(int seq, int layer, const float* k, const float* v, int64_t pos0, int64_t n_tok) = 0;
   // Causal attention of q ([n_tok, n_head, head_dim], positions pos0..) against the cached keys/values
-  // 0 .. pos0 + n_tok - 1 of `layer`.                                  out: [n_tok, n_head * head_dim]
-  virtual void attention(float* out, const float* q, int layer, int64_t pos0, int64_t n_tok,
+  // 0 .. pos0 + n_tok - 1 of slot `seq`, `layer`.                     out: [n_tok, n_head * head_dim]
+  virtual void attention(float* out, const float* q, int seq, int layer, int64_t pos0, int64_t n_tok,
                          const AttnParams& p) = 0;
   // out = act(gate) * up (SwigluOai: the clamped form in model/config.h)  all: [n]
   virtual void glu(float* out, const float* gate, const float* up, int64_t n, Activation act) = 0;
@@ -142,11 +144,12 @@ class Ops {
   virtual double timer_seconds(void* from, void* to) {
     return *static_cast<double*>(to) - *static_cast<double*>(from);
   }
-  // Copy of the KV cache of stage-local `layer`, positions [0, n_pos), to host memory ([n_pos, kv_dim] each).
-  virtual void kv_to_host(int layer, float* k, float* v, int64_t n_pos) = 0;
-  // The inverse (a loaded prefix cache): positions [0, n_pos) of stage-local `layer` from host f32
-  // ([n_pos, kv_dim] each), stored with the same rounding as kv_store. kv_reserve(.., n_pos) first.
-  virtual void kv_from_host(int layer, const float* k, const float* v, int64_t n_pos) = 0;
+  // Copy of the KV cache of slot `seq`, stage-local `layer`, positions [0, n_pos), to host memory
+  // ([n_pos, kv_dim] each).
+  virtual void kv_to_host(int seq, int layer, float* k, float* v, int64_t n_pos) = 0;
+  // The inverse (a loaded prefix cache): positions [0, n_pos) of slot `seq`, stage-local `layer` from host
+  // f32 ([n_pos, kv_dim] each), stored with the same rounding as kv_store. kv_reserve(seq, .., n_pos) first.
+  virtual void kv_from_host(int seq, int layer, const float* k, const float* v, int64_t n_pos) = 0;
 };
 
 // CPU backend with its own pool of n_threads worker threads.

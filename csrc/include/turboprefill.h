@@ -83,6 +83,7 @@ typedef struct tp_engine_params {
   double ubatch_cost_step;   /* per-layer fixed cost of one ubatch (used with the two above; 0 = none) */
   int32_t n_stage_threads;   /* entries in stage_threads; 0 = `threads` for every stage */
   int32_t stage_threads[TP_MAX_STAGES]; /* worker threads of each cpu stage, in stage order (each >= 1) */
+  int32_t n_seq;             /* sequence slots (KV caches that grow with use); 0 or 1 = one sequence */
 } tp_engine_params;
 
 typedef struct tp_model_info {
@@ -110,9 +111,10 @@ typedef struct tp_model_info {
   int32_t rope_sections[4]; /* M-RoPE (qwen2vl): rotary pairs per position id t, h, w, e; all 0 otherwise */
   int64_t next_pos;         /* rope position of the next plain token: n_past, except after tp_engine_prefill_mm
                                with explicit M-RoPE positions */
+  int64_t n_seq;            /* sequence slots; n_past and next_pos above are slot 0's */
 } tp_model_info;
 
-/* One (stage, ubatch) step of the last prefill; times in seconds since the prefill started. */
+/* One (stage, ubatch) step of a call's ubatches; times in seconds since the call was submitted. */
 typedef struct tp_trace_event {
   int32_t stage;
   int32_t ubatch;
@@ -155,10 +157,40 @@ TP_API tp_status tp_engine_prefill(tp_engine* engine, const int32_t* tokens, int
 TP_API tp_status tp_engine_prefill_mm(tp_engine* engine, const int32_t* tokens, int64_t n, const float* embd,
                                       int64_t n_embd_rows, const int32_t* pos, int32_t all_logits, float* logits,
                                       int64_t logits_len);
-/* Forget the sequence: the next prefill starts at position 0. */
+/* Forget the sequence (slot 0): the next prefill starts at position 0. */
 TP_API tp_status tp_engine_reset(tp_engine* engine);
-/* Ask a running prefill to stop (any thread); it returns TP_ERR_CANCELLED and the sequence is reset. */
+/* Stop every running call (any thread): each returns TP_ERR_CANCELLED and leaves its sequences as they were. */
 TP_API void tp_engine_cancel(tp_engine* engine);
+
+/* ---- several sequences (n_seq slots) -------------------------------------------------------------------
+ * tp_engine_prefill and tp_engine_prefill_mm act on slot 0. Calls on different slots may run at the same time
+ * from several threads: their ubatches share the pipeline (a decode goes ahead of queued prompt ubatches) and
+ * each slot's logits and KV cache are exactly what it would get alone. A second call on a slot that is busy is
+ * TP_ERR_INVALID_ARGUMENT. Every slot holds at most n_ctx tokens; its KV memory grows as it is used and stays
+ * after tp_engine_seq_free for the slot's next prompt. A failed or cancelled call leaves its slots as they were.
+ *
+ * tp_engine_prefill_seq: tp_engine_prefill_mm on slot `seq` (0 <= seq < n_seq). */
+TP_API tp_status tp_engine_prefill_seq(tp_engine* engine, int32_t seq, const int32_t* tokens, int64_t n,
+                                       const float* embd, int64_t n_embd_rows, const int32_t* pos, int32_t all_logits,
+                                       float* logits, int64_t logits_len);
+/* One token per listed sequence, appended to each, in one batch through every stage: row i is tokens[i] at the
+ * next position (and rope position next_pos) of slot seqs[i], attending to that slot's tokens only. The seqs are
+ * distinct (a duplicate is TP_ERR_INVALID_ARGUMENT); a slot already holding n_ctx tokens is
+ * TP_ERR_CONTEXT_OVERFLOW. logits: NULL or logits_len >= n * n_vocab floats, row i = seqs[i]'s next-token logits. */
+TP_API tp_status tp_engine_decode(tp_engine* engine, int32_t n, const int32_t* seqs, const int32_t* tokens,
+                                  float* logits, int64_t logits_len);
+/* Forget slot `seq` (its memory is kept for reuse); TP_ERR_INVALID_ARGUMENT while a call runs on it. */
+TP_API tp_status tp_engine_seq_free(tp_engine* engine, int32_t seq);
+/* Tokens in slot `seq` and the rope position of its next plain token. */
+TP_API tp_status tp_engine_seq_info(const tp_engine* engine, int32_t seq, int64_t* n_past, int64_t* next_pos);
+/* The last finished call on slot `seq` (a decode counts for each of its slots): its trace (times since the
+ * call was submitted; calls that ran interleaved overlap), wall seconds and expert routing, as
+ * tp_engine_trace / tp_engine_last_seconds / tp_engine_moe_stats give for slot 0. */
+TP_API tp_status tp_engine_seq_trace(const tp_engine* engine, int32_t seq, tp_trace_event* events, int64_t cap,
+                                     int64_t* n_events, double* seconds);
+TP_API tp_status tp_engine_seq_moe_stats(const tp_engine* engine, int32_t seq, int64_t* steps, int64_t* experts);
+/* FNV-1a digest of slot `seq`'s KV cache over its tokens (tp_engine_kv_digest is slot 0's). */
+TP_API tp_status tp_engine_seq_kv_digest(const tp_engine* engine, int32_t seq, uint64_t* digest);
 
 /* The equal-cost ubatch cut the engine uses with ubatch_auto (for the simulator and tests): n_layer layers,
  * layer_swa[i] != 0 for sliding-window layers of window n_swa, coefficients per layer (cost_tok > 0,
@@ -198,13 +230,13 @@ TP_API tp_status tp_engine_inject_fault(tp_engine* engine, int64_t layer);
 TP_API tp_status tp_ring_stress(int32_t capacity, int64_t n_items, int64_t max_delay_ns, uint64_t seed,
                                 int64_t* errors);
 
-/* Routing of the last prefill (mixture-of-experts models): *steps = (layer, ubatch) router steps run,
+/* Routing of the last prefill on slot 0 (mixture-of-experts models): *steps = (layer, ubatch) router steps run,
  * *experts = the sum over those steps of the distinct experts the ubatch's tokens were routed to (so
  * experts / steps = experts one ubatch touches per layer). Both are -1 when a stage's backend does not
  * count them (cuda) and 0 for a dense model. */
 TP_API tp_status tp_engine_moe_stats(const tp_engine* engine, int64_t* steps, int64_t* experts);
 
-/* Timing of the last prefill: wall seconds and per-(stage, ubatch) trace. */
+/* Timing of the last prefill on slot 0: wall seconds and per-(stage, ubatch) trace. */
 TP_API tp_status tp_engine_last_seconds(const tp_engine* engine, double* seconds);
 TP_API tp_status tp_engine_trace(const tp_engine* engine, tp_trace_event* events, int64_t cap, int64_t* n_events);
 

@@ -17,7 +17,7 @@ LayerScratch LayerScratch::make(Ops& ops, const ModelConfig& c, int64_t cap) {
   s.gate = ops.alloc(cap * c.ff_width());
   s.up = ops.alloc(cap * c.ff_width());
   s.tmp = ops.alloc(cap * c.n_embd);
-  if (c.mrope()) s.pos = ops.alloc_i32(4 * cap);
+  s.pos = ops.alloc_i32(4 * cap);  // M-RoPE prompts and decode ubatches (one position per row)
   if (c.moe()) {
     s.router = ops.alloc(cap * c.n_expert);
     s.ids = ops.alloc_i32(cap * c.n_expert_used);
@@ -51,7 +51,8 @@ namespace {
 
 // x += Wo · attention(RoPE(Wq h), RoPE(Wk h), Wv h) with h = RMSNorm(x).
 void attention_block(Ops& ops, const ModelConfig& c, const ModelWeights& w, const LayerWeights& l, bool swa,
-                     int kv_layer, LayerScratch& s, float* x, int64_t pos0, int64_t n_tok, const int32_t* pos) {
+                     int kv_layer, LayerScratch& s, float* x, const KvPlace& kv, int64_t n_tok, const int32_t* pos) {
+  const int64_t pos0 = kv.pos0;
   ops.rms_norm(s.h, x, l.attn_norm, n_tok, c.n_embd, c.norm_eps);
   ops.matmul(s.q, l.wq, s.h, n_tok);
   ops.matmul(s.k, l.wk, s.h, n_tok);
@@ -76,7 +77,6 @@ void attention_block(Ops& ops, const ModelConfig& c, const ModelWeights& w, cons
   ops.rope(s.q, n_tok, c.n_head, c.head_dim, pos0, rp, pos);
   ops.rope(s.k, n_tok, c.n_head_kv, c.head_dim, pos0, rp, pos);
 
-  ops.kv_store(kv_layer, s.k, s.v, pos0, n_tok);
   AttnParams ap;
   ap.n_head = c.n_head;
   ap.n_head_kv = c.n_head_kv;
@@ -84,7 +84,19 @@ void attention_block(Ops& ops, const ModelConfig& c, const ModelWeights& w, cons
   ap.kq_scale = c.kq_scale;
   ap.n_swa = swa ? c.n_swa : 0;
   ap.sinks = l.sinks;
-  ops.attention(s.att, s.q, kv_layer, pos0, n_tok, ap);
+  if (!kv.rows) {
+    ops.kv_store(kv.seq, kv_layer, s.k, s.v, pos0, n_tok);
+    ops.attention(s.att, s.q, kv.seq, kv_layer, pos0, n_tok, ap);
+  } else {
+    // Decode: each row is a one-token step of its own sequence, the same calls a one-token prefill makes,
+    // so a row's attention does not depend on the other rows.
+    const int64_t kvd = c.kv_dim(), vd = c.v_dim(), qd = c.q_dim();
+    for (int64_t r = 0; r < n_tok; ++r) {
+      const KvRow& row = kv.rows[r];
+      ops.kv_store(row.seq, kv_layer, s.k + r * kvd, s.v + r * vd, row.pos, 1);
+      ops.attention(s.att + r * qd, s.q + r * qd, row.seq, kv_layer, row.pos, 1, ap);
+    }
+  }
 
   ops.matmul(s.tmp, l.wo, s.att, n_tok);
   if (c.attn_out_bias) ops.add_bias(s.tmp, l.bo, n_tok);
@@ -124,9 +136,9 @@ void ffn_moe(Ops& ops, const ModelConfig& c, const LayerWeights& l, LayerScratch
 }  // namespace
 
 void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_t il, int kv_layer,
-                   LayerScratch& s, float* x, int64_t pos0, int64_t n_tok, const int32_t* pos) {
+                   LayerScratch& s, float* x, const KvPlace& kv, int64_t n_tok, const int32_t* pos) {
   const LayerWeights& l = w.layers[size_t(il)];
-  attention_block(ops, c, w, l, c.layer_swa[size_t(il)], kv_layer, s, x, pos0, n_tok, pos);
+  attention_block(ops, c, w, l, c.layer_swa[size_t(il)], kv_layer, s, x, kv, n_tok, pos);
   if (c.moe())
     ffn_moe(ops, c, l, s, x, n_tok);
   else

@@ -21,7 +21,7 @@ struct LayerScratch {
   float* gate = nullptr;  // [cap, ff_width]  (MoE: [cap * n_expert_used, n_ff_exp])
   float* up = nullptr;    // [cap, ff_width]
   float* tmp = nullptr;   // [cap, n_embd]   projection output before the residual add
-  int32_t* pos = nullptr;  // [4, cap]       M-RoPE only: the ubatch's position ids, section-major (t, h, w, e)
+  int32_t* pos = nullptr;  // [4, cap]       the ubatch's rope position ids when explicit, section-major (t, h, w, e)
   // MoE only (null for dense models):
   float* router = nullptr;    // [cap, n_expert]              router logits
   int32_t* ids = nullptr;     // [cap * n_expert_used]        chosen experts, slot t*k + j
@@ -40,13 +40,27 @@ void embed_tokens(Ops& ops, const ModelConfig& c, const ModelWeights& w, const i
 void embed_inputs(Ops& ops, const ModelConfig& c, const ModelWeights& w, const int32_t* tokens, const float* embd,
                   int64_t n, float* x);
 
-// One decoder layer in place on the residual stream x ([n_tok, n_embd], KV positions pos0..): the attention
-// block, then the dense or the mixture-of-experts FFN block as ModelConfig says.
-// il: the model's layer index (selects weights, SWA and RoPE base); kv_layer: stage-local KV slot.
+// Where a ubatch's rows live in the KV cache. A prefill ubatch: row i of sequence slot `seq` at KV index
+// pos0 + i. A decode ubatch (rows != null): row i is the next token of slot rows[i].seq at KV index
+// rows[i].pos, attending to its own slot's keys only; the rows' matmuls still run as one batch.
+struct KvRow {
+  int32_t seq = 0;
+  int64_t pos = 0;
+};
+struct KvPlace {
+  int32_t seq = 0;
+  int64_t pos0 = 0;
+  const KvRow* rows = nullptr;  // host [n_tok], or null
+};
+
+// One decoder layer in place on the residual stream x ([n_tok, n_embd]): the attention block, then the
+// dense or the mixture-of-experts FFN block as ModelConfig says.
+// il: the model's layer index (selects weights, SWA and RoPE base); kv_layer: stage-local KV layer.
 // pos: the tokens' rope position ids (backend memory, section-major [4, n_tok]; Ops::rope) or null for
-// pos0 + i. Attention stays causal by KV index, whatever the rope positions.
+// kv.pos0 + i (a decode ubatch always gives them). Attention stays causal by KV index, whatever the rope
+// positions.
 void decoder_layer(Ops& ops, const ModelConfig& c, const ModelWeights& w, int64_t il, int kv_layer,
-                   LayerScratch& s, float* x, int64_t pos0, int64_t n_tok, const int32_t* pos);
+                   LayerScratch& s, float* x, const KvPlace& kv, int64_t n_tok, const int32_t* pos);
 
 // logits[r] = output · RMSNorm(x[r]) · output_norm for the n_rows rows of x.   logits: [n_rows, n_vocab]
 // `normed` is scratch of [n_rows, n_embd].

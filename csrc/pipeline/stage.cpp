@@ -18,8 +18,8 @@ void Stage::compute(const ModelConfig& c, const ModelWeights& w, bool first, boo
   for (int64_t il = layer_begin; il < layer_end; ++il) {
     if (stop.load(std::memory_order_relaxed)) fail(TP_ERR_CANCELLED, "stopped");
     current_layer = il;
-    if (il == fail_at_layer) fail(TP_ERR_INTERNAL, "injected fault (testing aid)");
-    decoder_layer(*ops, c, w, il, int(il - layer_begin), scratch, x, in.pos0, n_tok, pos);
+    if (il == fail_at_layer.load(std::memory_order_relaxed)) fail(TP_ERR_INTERNAL, "injected fault (testing aid)");
+    decoder_layer(*ops, c, w, il, int(il - layer_begin), scratch, x, in.kv, n_tok, pos);
   }
   current_layer = -1;
   if (last && (all_rows || last_row)) {

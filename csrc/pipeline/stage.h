@@ -15,12 +15,12 @@
 namespace tp {
 
 // One ubatch's inputs, host memory. Token i (of n_tok) is tokens[i] when >= 0, else row -1 - tokens[i] of embd
-// ([*, n_embd] f32). pos: null (rope positions pos0 + i) or this ubatch's ids, section-major [4, n_tok].
+// ([*, n_embd] f32). pos: null (rope positions kv.pos0 + i) or this ubatch's ids, section-major [4, n_tok].
 struct UbatchInput {
   const int32_t* tokens = nullptr;
   const float* embd = nullptr;
   const int32_t* pos = nullptr;
-  int64_t pos0 = 0;  // KV index of the first token
+  KvPlace kv;  // the rows' sequence slot(s) and KV indices
   int64_t n_tok = 0;
 };
 
@@ -35,11 +35,11 @@ struct Stage {
   float* logits = nullptr;  // [logits_rows, n_vocab] (last stage)
   int64_t logits_rows = 0;
   int64_t current_layer = -1;  // layer being computed (for error messages)
-  int64_t fail_at_layer = -1;  // testing aid (tp_engine_inject_fault)
+  std::atomic<int64_t> fail_at_layer{-1};  // testing aid (tp_engine_inject_fault), set from any thread
 
   int64_t n_layers() const { return layer_end - layer_begin; }
 
-  // Computes one ubatch in place on x (KV positions pos0..pos0+n_tok-1); the first stage embeds the inputs
+  // Computes one ubatch in place on x (KV rows as in.kv says); the first stage embeds the inputs
   // first, every stage copies the position ids it needs into scratch.pos, the last stage leaves logits for
   // all rows (all_rows) or the last row (last_row) in `logits`. Checks `stop` between layers and throws
   // TP_ERR_CANCELLED when it is set.

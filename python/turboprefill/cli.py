@@ -220,18 +220,9 @@ def cmd_serve(a) -> int:
     if a.parallel < 1 or a.max_queue < 0:
         print("turboprefill serve: --parallel must be >= 1 and --max-queue >= 0", file=sys.stderr)
         return 2
-    # several sequences need an engine that has them; one sequence is what every engine has
-    extra = {"n_seq": a.parallel} if a.parallel > 1 else {}
-    if a.mmproj:
-        extra["mmproj"] = a.mmproj
-    try:
-        eng = Engine(a.model, devices=a.devices, threads=a.threads, ubatch=a.ubatch, n_ctx=a.n_ctx, **extra)
-    except TypeError as e:
-        if "n_seq" not in str(e):
-            raise
-        print("turboprefill serve: this engine runs one sequence at a time; start it with --parallel 1",
-              file=sys.stderr)
-        return 2
+    extra = {"mmproj": a.mmproj} if a.mmproj else {}
+    eng = Engine(a.model, devices=a.devices, threads=a.threads, ubatch=a.ubatch, n_ctx=a.n_ctx, n_seq=a.parallel,
+                 **extra)
     model_id = a.alias or os.path.basename(eng.path).removesuffix(".gguf")
     app = create_app(eng, model_id, parallel=a.parallel, max_queue=a.max_queue)
     print(f"serving {eng.path} as {model_id!r} on http://{a.host}:{a.port}/v1 ({a.parallel} slot(s), n_ctx "

@@ -2,6 +2,12 @@
 
 Python owns configuration, tokenization and result shaping; all compute happens in the C++ engine behind
 the C ABI. A prefill runs in a helper thread so that Ctrl-C in the caller cancels it promptly.
+
+An Engine holds n_seq sequences (KV slots). prefill(..., seq=), decode(seqs, tokens), free_seq and seq_info
+may be called from several threads at once on different sequences: their ubatches share the pipeline and
+each sequence's results are exactly what it would get alone. Calls on one sequence wait for each other;
+reset, save_state and load_state wait for every running call. cancel() (and Ctrl-C during a call) stops every
+running call of the engine, on all sequences.
 """
 
 from __future__ import annotations
@@ -179,6 +185,8 @@ class Engine:
             are equal (split.py: FLOP counts for identical stages, measured and cached costs otherwise;
             the plan is in config["split_plan"]); None: even split.
         ring_slots: activation slots between consecutive stages (None: default).
+        n_seq: sequences (KV slots) the engine holds; each grows its KV cache as it is used, up to n_ctx
+            tokens. prefill(), reset(), save_state() and the other single-sequence calls use sequence 0.
     """
 
     def __init__(
@@ -197,6 +205,7 @@ class Engine:
         mmproj: str | os.PathLike | None = None,
         vision_device: str | None = None,
         vision_threads: int | None = None,
+        n_seq: int = 1,
     ):
         from .models import resolve_model
 
@@ -254,6 +263,9 @@ class Engine:
             for i, v in enumerate(split):
                 p.layer_split[i] = v
         p.ring_slots = int(ring_slots or 0)
+        if int(n_seq) < 1:
+            raise ValueError(f"n_seq must be >= 1, got {n_seq}")
+        p.n_seq = int(n_seq)
         out = ffi.new("tp_engine **")
         check(lib.tp_engine_create(p, out))
         self._h = out[0]
@@ -263,7 +275,11 @@ class Engine:
         self.ubatch_bounds = (int(p.ubatch_min) or max(1, int(p.ubatch) // 8), int(p.ubatch)) if auto_ub else None
         self.schedule = schedule
         self._tokenizer = None
-        self._lock = threading.Lock()
+        self.n_seq = int(n_seq)
+        self._n_vocab = int(self.config["n_vocab"])  # read once: decode() runs per generated token
+        # One lock per sequence: calls on different sequences run concurrently. Whole-engine operations take
+        # all of them, always in increasing order (as decode does for its sequences), so none can deadlock.
+        self._seq_locks = [threading.Lock() for _ in range(self.n_seq)]
         self.vision = None
         if mmproj is not None:
             self._open_vision(mmproj, vision_device, vision_threads)
@@ -365,6 +381,7 @@ class Engine:
             "rope_scaling": ffi.string(info.rope_scaling).decode(),
             "rope_sections": list(info.rope_sections),
             "next_pos": info.next_pos,
+            "n_seq": info.n_seq,
             "devices": self.devices,
             "ubatch": self.ubatch,
             "ubatch_min_max": self.ubatch_bounds,
@@ -383,10 +400,21 @@ class Engine:
 
     @property
     def n_past(self) -> int:
-        """Tokens already in the sequence (the KV cache)."""
-        info = ffi.new("tp_model_info *")
-        check(lib.tp_engine_info(self._handle(), info))
-        return int(info.n_past)
+        """Tokens already in sequence 0 (the KV cache)."""
+        return self.seq_info(0)[0]
+
+    def seq_info(self, seq: int) -> tuple[int, int]:
+        """(n_past, next_pos) of sequence `seq`: its tokens, and the rope position of its next plain token."""
+        n_past, next_pos = ffi.new("int64_t *"), ffi.new("int64_t *")
+        check(lib.tp_engine_seq_info(self._handle(), self._seq(seq), n_past, next_pos))
+        return int(n_past[0]), int(next_pos[0])
+
+    def _seq(self, seq: int) -> int:
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)):
+            raise TypeError(f"sequence ids are ints, got {seq!r}")
+        if not 0 <= int(seq) < self.n_seq:
+            raise ValueError(f"sequence id {seq} is out of range [0, {self.n_seq}) (the Engine has n_seq={self.n_seq})")
+        return int(seq)
 
     # ---- tokenizer -----------------------------------------------------------------------------------
     @property
@@ -406,21 +434,28 @@ class Engine:
 
     # ---- compute -------------------------------------------------------------------------------------
     def prefill(self, tokens: Sequence[int] | np.ndarray | str | Sequence[dict], all_logits: bool = False,
-                images: Sequence | None = None) -> PrefillResult:
+                images: Sequence | None = None, seq: int = 0) -> PrefillResult:
         """Run a prompt after the tokens already in the sequence; returns the last token's logits (or all).
 
         tokens: token ids; or, for the image path, a string (tokenized with special tokens) or chat messages
         (rendered with the GGUF's chat template; image parts {"type": "image", "image": path | PIL | array}).
         images: images for the prompt's image placeholders, in order (one <|image_pad|> run each); they need
         an Engine created with mmproj=. With images the stats gain image_tokens, image_prepare_seconds,
-        image_encode_seconds and images, and the trace the vision tower's runs (multimodal.py)."""
+        image_encode_seconds and images, and the trace the vision tower's runs (multimodal.py).
+        seq: the sequence to extend (0 <= seq < n_seq). The stats and trace are this call's own ubatches;
+        when other sequences ran at the same time their steps overlap these in time."""
+        seq = self._seq(seq)
         if images is None and not isinstance(tokens, str) and not (
                 isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], dict)):
             toks = _as_tokens(tokens)
-            return self._prefill_native(toks, None, None, all_logits, mm=False)
+            if seq != 0 and toks.size and toks.min() < 0:  # prefill_seq would read it as an embedding row
+                i = int(np.argmin(toks))
+                raise ValueError(f"token id {int(toks[i])} at position {i} is out of range [0, "
+                                 f"{self.config['n_vocab']})")
+            return self._prefill_native(toks, None, None, all_logits, mm=seq != 0, seq=seq)
         from . import multimodal
 
-        return multimodal.prefill(self, tokens, images, all_logits)
+        return multimodal.prefill(self, tokens, images, all_logits, seq=seq)
 
     @property
     def next_pos(self) -> int:
@@ -441,14 +476,16 @@ class Engine:
         return self._chat_template
 
     def _prefill_mm(self, tokens: np.ndarray, embd: np.ndarray | None = None, pos: np.ndarray | None = None,
-                    all_logits: bool = False) -> PrefillResult:
+                    all_logits: bool = False, *, seq: int = 0) -> PrefillResult:
         """Multimodal prefill (tp_engine_prefill_mm), for the image API built on it.
 
         tokens: int32 [n]; entry i is a token id when >= 0, else row -1 - tokens[i] of embd.
         embd: float32 [rows, n_embd] embedding rows (used as they are), or None.
         pos: int32 [4, n] rope position ids (t, h, w, e) per entry, for M-RoPE models only; None: entry i
             takes position config["next_pos"] + i. Afterwards next_pos is the largest t/h/w id + 1 (or more).
+        seq: the sequence to extend.
         """
+        seq = self._seq(seq)
         toks = _as_tokens(tokens)
         n = int(toks.size)
         if embd is not None:
@@ -463,11 +500,11 @@ class Engine:
                              or pos.max() > np.iinfo(np.int32).max):
                 raise ValueError("pos must hold integers that fit in int32")
             pos = np.ascontiguousarray(pos, dtype=np.int32)
-        return self._prefill_native(toks, embd, pos, all_logits, mm=True)
+        return self._prefill_native(toks, embd, pos, all_logits, mm=True, seq=seq)
 
     def _prefill_native(self, toks: np.ndarray, embd: np.ndarray | None, pos: np.ndarray | None,
-                        all_logits: bool, mm: bool) -> PrefillResult:
-        """The one prefill path of prefill() (tp_engine_prefill) and _prefill_mm (tp_engine_prefill_mm)."""
+                        all_logits: bool, mm: bool, seq: int = 0) -> PrefillResult:
+        """The one prefill path of prefill() (tp_engine_prefill) and _prefill_mm (tp_engine_prefill_seq)."""
         n = int(toks.size)
         n_vocab = self.config["n_vocab"]
         logits = np.empty((n, n_vocab) if all_logits else (n_vocab,), dtype=np.float32)
@@ -483,17 +520,15 @@ class Engine:
             rows = 0 if embd is None else int(embd.shape[0])
 
             def call():
-                return lib.tp_engine_prefill_mm(h, tok_p, n, embd_p, rows, pos_p, 1 if all_logits else 0, out_p,
-                                                logits.size)
-        with self._lock:
+                return lib.tp_engine_prefill_seq(h, seq, tok_p, n, embd_p, rows, pos_p, 1 if all_logits else 0,
+                                                 out_p, logits.size)
+        with self._seq_locks[seq]:
             status, message = self._run_cancellable(call)
             check(status, message)
-            seconds = ffi.new("double *")
-            check(lib.tp_engine_last_seconds(h, seconds))
-            trace = self._trace()
+            trace, seconds = self._trace(seq)
             steps, experts = ffi.new("int64_t *"), ffi.new("int64_t *")
-            check(lib.tp_engine_moe_stats(h, steps, experts))
-        stats = _stats(trace, seconds[0], n)
+            check(lib.tp_engine_seq_moe_stats(h, seq, steps, experts))
+        stats = _stats(trace, seconds, n)
         # Mixture of experts: distinct experts one ubatch's tokens were routed to, averaged over (layer,
         # ubatch) steps: how many expert matrices each ubatch streams (None: dense, or not counted on cuda).
         stats["experts_per_ubatch"] = experts[0] / steps[0] if steps[0] > 0 else None
@@ -530,29 +565,83 @@ class Engine:
             raise
         return result[0]
 
-    def _trace(self) -> Trace:
-        n = ffi.new("int64_t *")
-        check(lib.tp_engine_trace(self._h, ffi.NULL, 0, n))
-        buf = ffi.new("tp_trace_event[]", max(1, n[0]))
-        check(lib.tp_engine_trace(self._h, buf, n[0], n))
-        return Trace([TraceEvent(e.stage, e.ubatch, e.n_tokens, e.t_start, e.t_end) for e in buf[0 : n[0]]])
+    def decode(self, seqs: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """Append tokens[i] to sequence seqs[i] for every i, in one batch through the stages (each row attends
+        to its own sequence only); returns float32 [n, n_vocab], row i = seqs[i]'s next-token logits. The
+        sequences must be distinct. A decode goes ahead of queued prompt ubatches of other sequences."""
+        seq_list = [self._seq(s) for s in seqs]
+        toks = _as_tokens(tokens)
+        n = len(seq_list)
+        if n == 0 or toks.size != n:
+            raise ValueError(f"decode needs one token per sequence (got {n} sequences, {toks.size} tokens)")
+        if len(set(seq_list)) != n:
+            raise ValueError(f"decode lists a sequence twice: {seq_list}")
+        seq_arr = np.asarray(seq_list, dtype=np.int32)
+        logits = np.empty((n, self._n_vocab), dtype=np.float32)
+        h = self._handle()
+        seq_p = ffi.cast("const int32_t *", ffi.from_buffer(seq_arr))
+        tok_p = ffi.cast("const int32_t *", ffi.from_buffer(toks))
+        out_p = ffi.cast("float *", ffi.from_buffer(logits))
 
-    def kv_digest(self) -> int:
-        """Hash of every stage's KV cache over the tokens in the sequence (equal caches, equal digests)."""
+        def call():
+            return lib.tp_engine_decode(h, n, seq_p, tok_p, out_p, logits.size)
+
+        locks = [self._seq_locks[s] for s in sorted(seq_list)]
+        for lk in locks:
+            lk.acquire()
+        try:
+            status, message = self._run_cancellable(call)
+        finally:
+            for lk in reversed(locks):
+                lk.release()
+        check(status, message)
+        return logits
+
+    def free_seq(self, seq: int) -> None:
+        """Forget sequence `seq` (its KV memory stays for its next prompt); waits for a call running on it."""
+        seq = self._seq(seq)
+        with self._seq_locks[seq]:
+            check(lib.tp_engine_seq_free(self._handle(), seq))
+
+    def _trace(self, seq: int = 0) -> tuple[Trace, float]:
+        """The trace and wall seconds of the last call on `seq`."""
+        n, seconds = ffi.new("int64_t *"), ffi.new("double *")
+        check(lib.tp_engine_seq_trace(self._h, seq, ffi.NULL, 0, n, seconds))
+        buf = ffi.new("tp_trace_event[]", max(1, n[0]))
+        check(lib.tp_engine_seq_trace(self._h, seq, buf, n[0], n, seconds))
+        events = [TraceEvent(e.stage, e.ubatch, e.n_tokens, e.t_start, e.t_end) for e in buf[0 : n[0]]]
+        return Trace(events), float(seconds[0])
+
+    class _AllSequences:
+        """Holds every sequence lock (in increasing order): no call runs meanwhile."""
+
+        def __init__(self, eng: Engine):
+            self.locks = eng._seq_locks
+
+        def __enter__(self):
+            for lk in self.locks:
+                lk.acquire()
+
+        def __exit__(self, *exc):
+            for lk in reversed(self.locks):
+                lk.release()
+
+    def kv_digest(self, seq: int = 0) -> int:
+        """Hash of every stage's KV cache over the tokens in sequence `seq` (equal caches, equal digests)."""
         out = ffi.new("uint64_t *")
-        check(lib.tp_engine_kv_digest(self._handle(), out))
+        check(lib.tp_engine_seq_kv_digest(self._handle(), self._seq(seq), out))
         return int(out[0])
 
     def save_state(self, path: str | os.PathLike) -> None:
-        """Write the sequence's KV cache (every stage) and the model's identity to `path` (a prefix cache)."""
-        with self._lock:
+        """Write sequence 0's KV cache (every stage) and the model's identity to `path` (a prefix cache)."""
+        with self._AllSequences(self):
             check(lib.tp_engine_save_state(self._handle(), os.fsencode(path)))
 
     def load_state(self, path: str | os.PathLike) -> None:
-        """Replace the sequence with one saved by save_state(); the next prefill continues after its tokens.
+        """Replace sequence 0 with one saved by save_state(); the next prefill continues after its tokens.
         Raises when the state comes from another model or layer split, or the file is corrupt or truncated
         (the sequence is then left as it was)."""
-        with self._lock:
+        with self._AllSequences(self):
             check(lib.tp_engine_load_state(self._handle(), os.fsencode(path)))
 
     def _inject_fault(self, layer: int) -> None:
@@ -560,11 +649,13 @@ class Engine:
         check(lib.tp_engine_inject_fault(self._handle(), int(layer)))
 
     def reset(self) -> None:
-        """Forget the sequence; the next prefill starts at position 0."""
-        check(lib.tp_engine_reset(self._handle()))
+        """Forget sequence 0; the next prefill starts at position 0."""
+        with self._AllSequences(self):
+            check(lib.tp_engine_reset(self._handle()))
 
     def cancel(self) -> None:
-        """Ask a running prefill (in another thread) to stop."""
+        """Ask every running prefill and decode (in other threads) to stop; each raises CancelledError and
+        leaves its sequences as they were."""
         if self._h is not None:
             lib.tp_engine_cancel(self._h)
 

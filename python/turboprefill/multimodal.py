@@ -331,10 +331,9 @@ def prompt_tokens(engine: Any, prompt: Any) -> tuple[np.ndarray, list[Any]]:
     return arr.astype(np.int64), []
 
 
-def build_image_prompt(engine: Any, tokens: np.ndarray, images: Sequence[Any], start: int | None = None,
-                       n_past: int | None = None) -> ImagePrompt:
-    """Encode the images with the engine's vision tower and lay the prompt out around them. start / n_past:
-    the sequence's next position and length (default: the engine's; the server passes 0, 0 for a fresh slot)."""
+def build_image_prompt(engine: Any, tokens: np.ndarray, images: Sequence[Any], seq: int = 0) -> ImagePrompt:
+    """Encode the images with the engine's vision tower and lay the prompt out around them, after what
+    sequence `seq` already holds."""
     import time
 
     vision = engine.vision
@@ -353,8 +352,9 @@ def build_image_prompt(engine: Any, tokens: np.ndarray, images: Sequence[Any], s
     prepared = [prepare_image(im, info["image_mean"], info["image_std"], info.get("min_pixels") or None,
                               info.get("max_pixels") or None) for im in images]
     prep_s = time.perf_counter() - t0
-    lay = layout(tokens, pad, [p.grid for p in prepared], start=engine.next_pos if start is None else start)
-    left = engine.config["n_ctx"] - (engine.n_past if n_past is None else n_past)
+    n_past, next_pos = engine.seq_info(seq)
+    lay = layout(tokens, pad, [p.grid for p in prepared], start=next_pos)
+    left = engine.config["n_ctx"] - n_past
     if lay.tokens.size > left:
         from .errors import ContextOverflowError
 
@@ -364,13 +364,14 @@ def build_image_prompt(engine: Any, tokens: np.ndarray, images: Sequence[Any], s
             f"context has {left} left (n_ctx {engine.config['n_ctx']}); pass a larger n_ctx or smaller images")
     rows, secs = [], []
     for p in prepared:
-        rows.append(vision.encode(p.pixels))
-        secs.append(vision.last_seconds)
+        out_p, s = vision.encode_timed(p.pixels)
+        rows.append(out_p)
+        secs.append(s)
     out = np.concatenate(rows) if rows else np.zeros((0, engine.config["n_embd"]), np.float32)
     return ImagePrompt(lay, np.ascontiguousarray(out, dtype=np.float32), prepared, prep_s, secs)
 
 
-def prefill(engine: Any, prompt: Any, images: Sequence[Any] | None, all_logits: bool) -> Any:
+def prefill(engine: Any, prompt: Any, images: Sequence[Any] | None, all_logits: bool, seq: int = 0) -> Any:
     """Engine.prefill for a prompt with images (or chat messages): tokens, images and positions laid out,
     the vision tower run, then one prefill through the pipeline. The result's stats gain the image part:
     image_tokens, image_prepare_seconds, image_encode_seconds (and _each), images (sizes and grids); the
@@ -382,9 +383,9 @@ def prefill(engine: Any, prompt: Any, images: Sequence[Any] | None, all_logits: 
     if not imgs:
         if tokens.size and tokens.min() < 0:
             raise ValueError("token ids must be >= 0")
-        return engine._prefill_mm(tokens.astype(np.int32), None, None, all_logits)
-    ip = build_image_prompt(engine, tokens, imgs)
-    res = engine._prefill_mm(ip.layout.tokens, ip.rows, ip.layout.positions, all_logits)
+        return engine._prefill_mm(tokens.astype(np.int32), None, None, all_logits, seq=seq)
+    ip = build_image_prompt(engine, tokens, imgs, seq)
+    res = engine._prefill_mm(ip.layout.tokens, ip.rows, ip.layout.positions, all_logits, seq=seq)
     enc = float(sum(ip.encode_seconds))
     res.stats.update({
         "image_tokens": int(sum(p.n_tokens for p in ip.images)),

@@ -8,6 +8,8 @@ returns [(H/28)·(W/28), proj_dim] float32 rows in raster order over the merged 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ._native import check, ffi, lib
@@ -44,9 +46,15 @@ class VisionEncoder:
         self.info["image_mean"] = [float(x) for x in info.image_mean]
         self.info["image_std"] = [float(x) for x in info.image_std]
         self.last_seconds = 0.0
+        # The native handle runs one encode at a time; image prompts of several sequences may share it.
+        self._lock = threading.Lock()
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """pixels: [3, H, W] normalized; returns [(H/28)·(W/28), proj_dim] float32."""
+        return self.encode_timed(pixels)[0]
+
+    def encode_timed(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+        """encode() plus its wall seconds (last_seconds may meanwhile belong to another thread's encode)."""
         if self._h is None:
             raise ValueError("VisionEncoder: used after close()")
         px = np.ascontiguousarray(pixels, dtype=np.float32)
@@ -56,19 +64,20 @@ class VisionEncoder:
         unit = self.info["patch_size"] * self.info["merge_size"]
         out = np.empty(((h // unit) * (w // unit), self.info["proj_dim"]), dtype=np.float32)
         secs = ffi.new("double*")
-        check(
-            lib.tp_vision_encode(
-                self._h,
-                ffi.from_buffer("float[]", px),
-                h,
-                w,
-                ffi.from_buffer("float[]", out, require_writable=True),
-                out.size,
-                secs,
+        with self._lock:
+            check(
+                lib.tp_vision_encode(
+                    self._h,
+                    ffi.from_buffer("float[]", px),
+                    h,
+                    w,
+                    ffi.from_buffer("float[]", out, require_writable=True),
+                    out.size,
+                    secs,
+                )
             )
-        )
         self.last_seconds = float(secs[0])
-        return out
+        return out, float(secs[0])
 
     def close(self) -> None:
         if self._h is not None:

@@ -93,18 +93,20 @@ class CpuOps final : public Ops {
     return ibuffers_.back().data();
   }
 
-  void kv_reserve(int64_t n_layers, int64_t kv_dim, int64_t n_pos) override {
-    if (int64_t(k_.size()) != n_layers) {
-      k_.assign(size_t(n_layers), {});
-      v_.assign(size_t(n_layers), {});
+  void kv_reserve(int seq, int64_t n_layers, int64_t kv_dim, int64_t n_pos) override {
+    if (seq >= int(kv_.size())) kv_.resize(size_t(seq) + 1);
+    std::vector<std::vector<float>>& k = kv_[size_t(seq)].k;
+    std::vector<std::vector<float>>& v = kv_[size_t(seq)].v;
+    if (int64_t(k.size()) != n_layers) {
+      k.assign(size_t(n_layers), {});
+      v.assign(size_t(n_layers), {});
     }
     kv_dim_ = kv_dim;
     const size_t need = size_t(n_pos * kv_dim);
-    if (n_layers == 0 || k_[0].size() >= need) return;
+    if (n_layers == 0 || k[0].size() >= need) return;
     // Grow geometrically so that one-token prefills (generation) do not copy the cache every time.
-    const size_t cap = k_[0].capacity() >= need ? k_[0].capacity()
-                                                : std::max(need, k_[0].capacity() + k_[0].capacity() / 2);
-    const double add_mib = double(cap - k_[0].capacity()) * sizeof(float) * 2.0 * double(n_layers) / (1 << 20);
+    const size_t cap = k[0].capacity() >= need ? k[0].capacity() : std::max(need, k[0].capacity() + k[0].capacity() / 2);
+    const double add_mib = double(cap - k[0].capacity()) * sizeof(float) * 2.0 * double(n_layers) / (1 << 20);
     const double avail_mib = available_memory_mib();
     // Checked up front: with overcommit a too-large vector is only discovered by the OOM killer.
     if (avail_mib >= 0 && add_mib > avail_mib)
@@ -113,10 +115,10 @@ class CpuOps final : public Ops {
            "shorter prompt or a smaller n_ctx, or split the layers over more stages",
            (long long)n_pos, add_mib, avail_mib);
     for (int64_t l = 0; l < n_layers; ++l) {
-      k_[size_t(l)].reserve(cap);
-      v_[size_t(l)].reserve(cap);
-      k_[size_t(l)].resize(need);
-      v_[size_t(l)].resize(need);
+      k[size_t(l)].reserve(cap);
+      v[size_t(l)].reserve(cap);
+      k[size_t(l)].resize(need);
+      v[size_t(l)].resize(need);
     }
   }
 
@@ -208,22 +210,27 @@ class CpuOps final : public Ops {
     });
   }
 
-  void kv_store(int layer, const float* k, const float* v, int64_t pos0, int64_t n_tok) override {
-    memcpy(k_[size_t(layer)].data() + pos0 * kv_dim_, k, size_t(n_tok * kv_dim_) * sizeof(float));
-    memcpy(v_[size_t(layer)].data() + pos0 * kv_dim_, v, size_t(n_tok * kv_dim_) * sizeof(float));
+  void kv_store(int seq, int layer, const float* k, const float* v, int64_t pos0, int64_t n_tok) override {
+    Slot& s = slot(seq, layer, pos0 + n_tok, "kv_store");
+    memcpy(s.k[size_t(layer)].data() + pos0 * kv_dim_, k, size_t(n_tok * kv_dim_) * sizeof(float));
+    memcpy(s.v[size_t(layer)].data() + pos0 * kv_dim_, v, size_t(n_tok * kv_dim_) * sizeof(float));
   }
 
-  void kv_to_host(int layer, float* k, float* v, int64_t n_pos) override {
-    memcpy(k, k_[size_t(layer)].data(), size_t(n_pos * kv_dim_) * sizeof(float));
-    memcpy(v, v_[size_t(layer)].data(), size_t(n_pos * kv_dim_) * sizeof(float));
+  void kv_to_host(int seq, int layer, float* k, float* v, int64_t n_pos) override {
+    if (n_pos <= 0) return;
+    Slot& s = slot(seq, layer, n_pos, "kv_to_host");
+    memcpy(k, s.k[size_t(layer)].data(), size_t(n_pos * kv_dim_) * sizeof(float));
+    memcpy(v, s.v[size_t(layer)].data(), size_t(n_pos * kv_dim_) * sizeof(float));
   }
 
-  void kv_from_host(int layer, const float* k, const float* v, int64_t n_pos) override {
-    kv_store(layer, k, v, 0, n_pos);
+  void kv_from_host(int seq, int layer, const float* k, const float* v, int64_t n_pos) override {
+    kv_store(seq, layer, k, v, 0, n_pos);
   }
 
-  void attention(float* out, const float* q, int layer, int64_t pos0, int64_t n_tok, const AttnParams& p) override {
-    cpu_attention(pool_, out, q, k_[size_t(layer)].data(), v_[size_t(layer)].data(), pos0, n_tok, p);
+  void attention(float* out, const float* q, int seq, int layer, int64_t pos0, int64_t n_tok,
+                 const AttnParams& p) override {
+    Slot& s = slot(seq, layer, pos0 + n_tok, "attention");
+    cpu_attention(pool_, out, q, s.k[size_t(layer)].data(), s.v[size_t(layer)].data(), pos0, n_tok, p);
   }
 
   void glu(float* out, const float* gate, const float* up, int64_t n, Activation act) override {
@@ -278,7 +285,18 @@ class CpuOps final : public Ops {
   std::list<std::vector<int32_t>> ibuffers_;
   RouterStats router_stats_{0, 0};
   MoeBuffers moe_;
-  std::vector<std::vector<float>> k_, v_;
+  // One sequence slot's cache: [n_pos, kv_dim] f32 K and V per stage-local layer.
+  struct Slot {
+    std::vector<std::vector<float>> k, v;
+  };
+  Slot& slot(int seq, int layer, int64_t n_pos, const char* op) {
+    if (seq < 0 || size_t(seq) >= kv_.size() || layer < 0 || size_t(layer) >= kv_[size_t(seq)].k.size() ||
+        int64_t(kv_[size_t(seq)].k[size_t(layer)].size()) < n_pos * kv_dim_)
+      fail(TP_ERR_INTERNAL, "cpu: %s of slot %d, layer %d up to position %lld before kv_reserve", op, seq, layer,
+           (long long)n_pos);
+    return kv_[size_t(seq)];
+  }
+  std::vector<Slot> kv_;  // per sequence slot; only kv_reserve adds slots
   int64_t kv_dim_ = 0;
 };
 

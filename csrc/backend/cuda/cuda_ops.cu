@@ -1,7 +1,8 @@
 // cuda_ops.cu — the CUDA backend: Ops on one GPU, driven through one stream.
 //
 // Memory: activation buffers (alloc), the matmul scratch and the KV cache are cudaMalloc'd on the Ops's
-// GPU and freed with it. The KV cache is f16, one [cap, kv_dim] K and V array per stage-local layer.
+// GPU and freed with it. The KV cache is f16, one [cap, kv_dim] K and V array per (sequence slot, stage-local
+// layer); each slot grows on its own.
 // Weights: the model's Tensors point into the host mapping; upload() copies one to the GPU once and later
 // calls find the copy by the tensor's host address (weight()), so the decoder passes the same Tensors to
 // every backend. The engine uploads a stage's tensors at placement; anything not uploaded is copied on
@@ -14,7 +15,7 @@
 // Ordering: every op is enqueued on stream_ and returns at once. Nothing in the per-ubatch path blocks the
 // host: no cudaDeviceSynchronize / cudaStreamSynchronize, no pageable-memory copies (token ids travel in
 // the embedding kernel's parameters). The host waits only in to_host (the logits at the end of a prefill),
-// kv_to_host, kv_reserve (between prefills), growth of the non-peer staging buffer (first send) and the
+// kv_to_host, kv_reserve (when a slot outgrows its cache: geometric, so rarely), growth of the non-peer staging buffer (first send) and the
 // destructor.
 //
 // Stage hand-off (pipeline/ring.h, DESIGN §5): a slot's event handle is a SlotEvent that records on the
@@ -86,6 +87,12 @@ struct SlotEvent {
   int device = -1;
 };
 
+// One sequence slot's KV cache: [cap, kv_dim] f16 K and V per stage-local layer.
+struct KvSlot {
+  std::vector<__half*> k, v;
+  int64_t cap = 0;
+};
+
 // Pinned staging for sends to one GPU without peer access.
 struct Staging {
   void* host = nullptr;  // pinned
@@ -138,10 +145,7 @@ class CudaOps final : public Ops {
     cudaSetDevice(device_);
     for (void* p : buffers_) cudaFree(p);
     for (auto& w : weights_) cudaFree(w.second);
-    for (size_t l = 0; l < k_.size(); ++l) {
-      cudaFree(k_[l]);
-      cudaFree(v_[l]);
-    }
+    for (KvSlot& s : kv_) free_kv(s);
     cudaFree(scratch_);
     for (void* p : retired_) cudaFree(p);
     cudaStreamDestroy(stream_);
@@ -178,39 +182,49 @@ class CudaOps final : public Ops {
       scratch_reserve_ = std::max(scratch_reserve_, tp_matmul_cuda_scratch_bytes(t.type, t.cols, max_tokens_));
   }
 
-  void kv_reserve(int64_t n_layers, int64_t kv_dim, int64_t n_pos) override {
+  void kv_reserve(int seq, int64_t n_layers, int64_t kv_dim, int64_t n_pos) override {
+    // Called by the stage thread before each job: when the slot is already large enough (the steady state)
+    // it returns without waiting for the stream.
+    const bool fits = kv_dim == kv_dim_ && seq < int(kv_.size()) && int64_t(kv_[size_t(seq)].k.size()) == n_layers &&
+                      n_pos <= kv_[size_t(seq)].cap;
+    if (fits && retired_.empty() && scratch_bytes_ >= scratch_reserve_) return;
     set_device();
     check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (kv_reserve)");
     for (void* p : retired_) cudaFree(p);
     retired_.clear();
     if (scratch_bytes_ < scratch_reserve_) grow_scratch(scratch_reserve_);
-    if (int64_t(k_.size()) != n_layers || kv_dim != kv_dim_) {
-      free_kv(k_, v_);
-      k_.assign(size_t(n_layers), nullptr);
-      v_.assign(size_t(n_layers), nullptr);
+    if (kv_dim != kv_dim_) {  // a new layout: every slot starts over
+      for (KvSlot& s : kv_) free_kv(s);
+      kv_.clear();
       kv_dim_ = kv_dim;
-      kv_cap_ = 0;
     }
-    if (n_pos <= kv_cap_) return;
-    std::vector<__half*> nk, nv;
-    int64_t cap = kv_cap_ > 0 ? std::max(n_pos, 2 * kv_cap_) : n_pos;  // geometric growth across calls
+    if (seq >= int(kv_.size())) kv_.resize(size_t(seq) + 1);
+    KvSlot& s = kv_[size_t(seq)];
+    if (int64_t(s.k.size()) != n_layers) {
+      free_kv(s);
+      s.k.assign(size_t(n_layers), nullptr);
+      s.v.assign(size_t(n_layers), nullptr);
+    }
+    if (n_pos <= s.cap) return;
+    KvSlot grown;
+    grown.cap = s.cap > 0 ? std::max(n_pos, 2 * s.cap) : n_pos;  // geometric growth across calls
     try {
-      alloc_kv(nk, nv, n_layers, cap);
+      alloc_kv(grown, n_layers);
     } catch (const Error& e) {
-      if (e.status() != TP_ERR_OUT_OF_MEMORY || cap == n_pos) throw;
-      cap = n_pos;  // the doubled cache does not fit: try the exact size
-      alloc_kv(nk, nv, n_layers, cap);
+      if (e.status() != TP_ERR_OUT_OF_MEMORY || grown.cap == n_pos) throw;
+      grown.cap = n_pos;  // the doubled cache does not fit: try the exact size
+      alloc_kv(grown, n_layers);
     }
-    const size_t old_bytes = size_t(kv_cap_ * kv_dim_) * sizeof(__half);
+    const size_t old_bytes = size_t(s.cap * kv_dim_) * sizeof(__half);
     for (int64_t l = 0; l < n_layers && old_bytes > 0; ++l) {
-      check(cudaMemcpyAsync(nk[size_t(l)], k_[size_t(l)], old_bytes, cudaMemcpyDeviceToDevice, stream_), "KV copy");
-      check(cudaMemcpyAsync(nv[size_t(l)], v_[size_t(l)], old_bytes, cudaMemcpyDeviceToDevice, stream_), "KV copy");
+      check(cudaMemcpyAsync(grown.k[size_t(l)], s.k[size_t(l)], old_bytes, cudaMemcpyDeviceToDevice, stream_),
+            "KV copy");
+      check(cudaMemcpyAsync(grown.v[size_t(l)], s.v[size_t(l)], old_bytes, cudaMemcpyDeviceToDevice, stream_),
+            "KV copy");
     }
     check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (kv_reserve)");
-    free_kv(k_, v_);
-    k_ = std::move(nk);
-    v_ = std::move(nv);
-    kv_cap_ = cap;
+    free_kv(s);
+    s = std::move(grown);
   }
 
   void embed(float* out, const Tensor& table, const int32_t* tokens, int64_t n, float scale) override {
@@ -259,15 +273,16 @@ class CudaOps final : public Ops {
           "rope launch");
   }
 
-  void kv_store(int layer, const float* k, const float* v, int64_t pos0, int64_t n_tok) override {
-    check_kv(layer, pos0 + n_tok, "kv_store");
+  void kv_store(int seq, int layer, const float* k, const float* v, int64_t pos0, int64_t n_tok) override {
+    const KvSlot& s = kv_slot(seq, layer, pos0 + n_tok, "kv_store");
     set_device();
-    check(tp_kv_store_cuda(k_[size_t(layer)], v_[size_t(layer)], k, v, pos0, n_tok, kv_dim_, stream_),
+    check(tp_kv_store_cuda(s.k[size_t(layer)], s.v[size_t(layer)], k, v, pos0, n_tok, kv_dim_, stream_),
           "kv_store launch");
   }
 
-  void attention(float* out, const float* q, int layer, int64_t pos0, int64_t n_tok, const AttnParams& p) override {
-    check_kv(layer, pos0 + n_tok, "attention");
+  void attention(float* out, const float* q, int seq, int layer, int64_t pos0, int64_t n_tok,
+                 const AttnParams& p) override {
+    const KvSlot& s = kv_slot(seq, layer, pos0 + n_tok, "attention");
     if (p.head_dim > kTpAttnMaxHeadDim)
       fail(TP_ERR_UNSUPPORTED, "cuda:%d: attention with head_dim %lld is not supported by the CUDA backend (at most "
            "%lld); use devices=\"cpu\"", device_, (long long)p.head_dim, (long long)kTpAttnMaxHeadDim);
@@ -280,7 +295,7 @@ class CudaOps final : public Ops {
            (long long)p.sinks.cols, type_traits(int32_t(p.sinks.type)).name);
     set_device();
     const float* sinks = p.sinks.present() ? static_cast<const float*>(weight(p.sinks)) : nullptr;
-    check(tp_attention_cuda(out, q, k_[size_t(layer)], v_[size_t(layer)], pos0, n_tok, p.n_head, p.n_head_kv,
+    check(tp_attention_cuda(out, q, s.k[size_t(layer)], s.v[size_t(layer)], pos0, n_tok, p.n_head, p.n_head_kv,
                             p.head_dim, p.kq_scale, p.n_swa, sinks, attn_kernel_, stream_),
           "attention launch");
   }
@@ -457,14 +472,14 @@ class CudaOps final : public Ops {
     return double(ms) / 1e3;
   }
 
-  void kv_to_host(int layer, float* k, float* v, int64_t n_pos) override {
+  void kv_to_host(int seq, int layer, float* k, float* v, int64_t n_pos) override {
     if (n_pos <= 0) return;  // nothing cached yet (kv_digest of a fresh engine)
-    check_kv(layer, n_pos, "kv_to_host");
+    const KvSlot& s = kv_slot(seq, layer, n_pos, "kv_to_host");
     set_device();
     std::vector<uint16_t> tmp(size_t(n_pos * kv_dim_));
     const size_t bytes = tmp.size() * sizeof(uint16_t);
     for (int which = 0; which < 2; ++which) {
-      const __half* src = which == 0 ? k_[size_t(layer)] : v_[size_t(layer)];
+      const __half* src = which == 0 ? s.k[size_t(layer)] : s.v[size_t(layer)];
       float* dst = which == 0 ? k : v;
       check(cudaMemcpyAsync(tmp.data(), src, bytes, cudaMemcpyDeviceToHost, stream_), "kv_to_host copy");
       check(cudaStreamSynchronize(stream_), "kv_to_host (cudaStreamSynchronize)");
@@ -474,15 +489,15 @@ class CudaOps final : public Ops {
 
   // Rounded on the host with f32_to_f16 (round to nearest even, like kv_store's __float2half_rn), then one
   // synchronous copy per array: it runs between prefills, never inside the pipeline.
-  void kv_from_host(int layer, const float* k, const float* v, int64_t n_pos) override {
+  void kv_from_host(int seq, int layer, const float* k, const float* v, int64_t n_pos) override {
     if (n_pos <= 0) return;
-    check_kv(layer, n_pos, "kv_from_host");
+    const KvSlot& s = kv_slot(seq, layer, n_pos, "kv_from_host");
     set_device();
     std::vector<uint16_t> tmp(size_t(n_pos * kv_dim_));
     for (int which = 0; which < 2; ++which) {
       const float* src = which == 0 ? k : v;
       for (size_t i = 0; i < tmp.size(); ++i) tmp[i] = f32_to_f16(src[i]);
-      __half* dst = which == 0 ? k_[size_t(layer)] : v_[size_t(layer)];
+      __half* dst = which == 0 ? s.k[size_t(layer)] : s.v[size_t(layer)];
       check(cudaMemcpyAsync(dst, tmp.data(), tmp.size() * sizeof(uint16_t), cudaMemcpyHostToDevice, stream_),
             "kv_from_host copy");
       check(cudaStreamSynchronize(stream_), "kv_from_host (cudaStreamSynchronize)");
@@ -543,36 +558,40 @@ class CudaOps final : public Ops {
     scratch_bytes_ = bytes;
   }
 
-  void alloc_kv(std::vector<__half*>& k, std::vector<__half*>& v, int64_t n_layers, int64_t cap) {
-    k.assign(size_t(n_layers), nullptr);
-    v.assign(size_t(n_layers), nullptr);
-    const size_t bytes = size_t(cap * kv_dim_) * sizeof(__half);
+  void alloc_kv(KvSlot& s, int64_t n_layers) {
+    s.k.assign(size_t(n_layers), nullptr);
+    s.v.assign(size_t(n_layers), nullptr);
+    const size_t bytes = size_t(s.cap * kv_dim_) * sizeof(__half);
     try {
       for (int64_t l = 0; l < n_layers; ++l) {
         const std::string what = fmt("the KV cache (%lld layers × 2 × %lld positions × %lld f16 = %.1f MiB)",
-                                     (long long)n_layers, (long long)cap, (long long)kv_dim_,
+                                     (long long)n_layers, (long long)s.cap, (long long)kv_dim_,
                                      mib(2 * size_t(n_layers) * bytes));
-        k[size_t(l)] = static_cast<__half*>(dmalloc(bytes, what));
-        v[size_t(l)] = static_cast<__half*>(dmalloc(bytes, what));
+        s.k[size_t(l)] = static_cast<__half*>(dmalloc(bytes, what));
+        s.v[size_t(l)] = static_cast<__half*>(dmalloc(bytes, what));
       }
     } catch (...) {
-      free_kv(k, v);
+      free_kv(s);
       throw;
     }
   }
 
-  void free_kv(std::vector<__half*>& k, std::vector<__half*>& v) {
-    for (__half* p : k) cudaFree(p);
-    for (__half* p : v) cudaFree(p);
-    k.clear();
-    v.clear();
+  void free_kv(KvSlot& s) {
+    for (__half* p : s.k) cudaFree(p);
+    for (__half* p : s.v) cudaFree(p);
+    s.k.clear();
+    s.v.clear();
+    s.cap = 0;
   }
 
-  void check_kv(int layer, int64_t n_pos, const char* op) const {
-    if (layer < 0 || size_t(layer) >= k_.size() || n_pos > kv_cap_)
-      fail(TP_ERR_INTERNAL, "cuda:%d: %s of layer %d up to position %lld, but the KV cache holds %lld layers × %lld "
-           "positions (kv_reserve first)", device_, op, layer, (long long)n_pos, (long long)k_.size(),
-           (long long)kv_cap_);
+  const KvSlot& kv_slot(int seq, int layer, int64_t n_pos, const char* op) const {
+    const bool ok_seq = seq >= 0 && size_t(seq) < kv_.size();
+    const KvSlot* s = ok_seq ? &kv_[size_t(seq)] : nullptr;
+    if (!s || layer < 0 || size_t(layer) >= s->k.size() || n_pos > s->cap)
+      fail(TP_ERR_INTERNAL, "cuda:%d: %s of slot %d, layer %d up to position %lld, but the slot's KV cache holds %lld "
+           "layers × %lld positions (kv_reserve first)", device_, op, seq, layer, (long long)n_pos,
+           s ? (long long)s->k.size() : 0LL, s ? (long long)s->cap : 0LL);
+    return *s;
   }
 
   bool peer_usable(int dst) {
@@ -626,8 +645,8 @@ class CudaOps final : public Ops {
   void* scratch_ = nullptr;                           // matmul scratch
   size_t scratch_bytes_ = 0, scratch_reserve_ = 0;
   std::vector<void*> retired_;                        // outgrown scratch buffers, freed after a stream sync
-  std::vector<__half*> k_, v_;                        // [kv_cap_, kv_dim_] f16 per stage-local layer
-  int64_t kv_dim_ = 0, kv_cap_ = 0;
+  std::vector<KvSlot> kv_;                            // per sequence slot; only kv_reserve adds slots
+  int64_t kv_dim_ = 0;
   std::vector<int8_t> peer_;                          // per GPU: -1 unknown, 0 staged copies, 1 peer copies
   std::map<int, Staging> staging_;                    // per destination GPU without peer access
 };

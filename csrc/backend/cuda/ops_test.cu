@@ -209,11 +209,11 @@ TP_API tp_status tp_cuda_op_test_attention_sinks(int32_t device, int32_t kernel,
   Gpu g(device);
   tp::cuda_ops_set_attention_kernel(*g.ops, kernel);
   const int64_t kv_dim = n_head_kv * head_dim, n_pos = pos0 + n_tok;
-  g.ops->kv_reserve(1, kv_dim, n_pos);
+  g.ops->kv_reserve(0, 1, kv_dim, n_pos);
   const float* kd = g.put(k, n_pos * kv_dim);
   const float* vd = g.put(v, n_pos * kv_dim);
-  if (pos0 > 0) g.ops->kv_store(0, kd, vd, 0, pos0);
-  g.ops->kv_store(0, kd + pos0 * kv_dim, vd + pos0 * kv_dim, pos0, n_tok);
+  if (pos0 > 0) g.ops->kv_store(0, 0, kd, vd, 0, pos0);
+  g.ops->kv_store(0, 0, kd + pos0 * kv_dim, vd + pos0 * kv_dim, pos0, n_tok);
   const float* qd = g.put(q, n_tok * n_head * head_dim);
   float* od = g.nan_buffer(n_tok * n_head * head_dim);
   tp::AttnParams p;
@@ -223,9 +223,9 @@ TP_API tp_status tp_cuda_op_test_attention_sinks(int32_t device, int32_t kernel,
   p.kq_scale = kq_scale;
   p.n_swa = n_swa;
   if (sinks) p.sinks = f32_vector("test.attn_sinks", sinks, n_head);
-  g.ops->attention(od, qd, 0, pos0, n_tok, p);
+  g.ops->attention(od, qd, 0, 0, pos0, n_tok, p);
   g.ops->to_host(out, od, n_tok * n_head * head_dim);
-  if (k_cache && v_cache) g.ops->kv_to_host(0, k_cache, v_cache, n_pos);
+  if (k_cache && v_cache) g.ops->kv_to_host(0, 0, k_cache, v_cache, n_pos);
   TP_TEST_END
 }
 

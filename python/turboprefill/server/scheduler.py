@@ -6,14 +6,11 @@ the engine interleaves concurrent prefills' ubatches in its pipeline); a finishe
 token and joins the running set; then every step of the same thread batches one token per running request into
 one Engine.decode call, samples each request and hands the Step to its consumer. A request ends on a stop, on
 max_tokens or a full context, on an engine error, or on cancel() (a client that went away): its slot is freed
-before the next step. A prefill in flight is stopped with Engine.cancel() on an engine with one sequence; with
-several, the engine cancels all or nothing, so a cancel during a prefill takes effect when that prefill returns.
+before the next step. With one slot a prefill in flight is stopped with Engine.cancel(); with several, the
+engine cancels all its calls or none, so a cancel during a prefill takes effect when that prefill returns.
 
 Events go to the consumer through its `emit` callable (the server passes one that hops onto the asyncio loop):
 a sampling.Step per token, or a RequestFailed at most once, after which nothing follows.
-
-Engines without several sequences (no Engine.decode) run one request at a time on their single sequence:
-prefill after reset(), then one-token prefills; the rest wait in the queue.
 """
 
 from __future__ import annotations
@@ -48,7 +45,7 @@ class RequestFailed:
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes this request, not an equal-looking one
 class Request:
     """One generation request. prompt: token ids; or `images` with prompt ids holding <|image_pad|> runs."""
 
@@ -69,9 +66,9 @@ class Request:
 class Scheduler:
     def __init__(self, engine: Any, n_slots: int, max_queue: int, metrics: Any = None):
         self.eng = engine
-        self.multi = hasattr(engine, "decode") and hasattr(engine, "free_seq")
-        if not self.multi and n_slots != 1:
-            raise ValueError(f"this engine runs one sequence (no Engine.decode): --parallel must be 1, got {n_slots}")
+        if not 1 <= n_slots <= engine.n_seq:
+            raise ValueError(f"{n_slots} slots need an Engine with as many sequences (it has n_seq={engine.n_seq})")
+        self.n_slots = n_slots
         self.n_ctx = int(engine.config["n_ctx"])
         self.max_queue = max_queue
         self.metrics = metrics
@@ -80,7 +77,6 @@ class Scheduler:
         self._running: dict[int, Request] = {}  # slot -> request in the decode set
         self._prefilling: dict[int, Request] = {}
         self._cv = threading.Condition()
-        self._vision_lock = threading.Lock()  # one vision tower, shared by the prefill threads
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="tp-scheduler", daemon=True)
         self._thread.start()
@@ -104,9 +100,9 @@ class Scheduler:
                 self._queue.remove(req)
                 self._count("cancelled")
                 self._gauges()
-            elif not self.multi and self._prefilling.get(req.slot) is req:
-                # one sequence: the engine's cancel stops exactly this prefill (a cancel that lands before or
-                # after the native call is forgotten, so it cannot hit the next request)
+            elif self.n_slots == 1 and self._prefilling.get(req.slot) is req:
+                # one slot: the engine's cancel stops exactly this prefill (a cancel that lands before or after
+                # the native call is forgotten, so it cannot hit the next request)
                 self.eng.cancel()
             self._cv.notify_all()
 
@@ -122,39 +118,29 @@ class Scheduler:
         with self._cv:
             return len(self._queue), len(self._running) + len(self._prefilling)
 
-    # ---- engine calls: several sequences, or the one sequence of an engine without them ----------------
+    # ---- engine calls ----------------------------------------------------------------------------------
     def _prepare_images(self, req: Request) -> Any:
-        """The image prompt (vision tower run, positions laid out for a fresh sequence), or None."""
+        """The image prompt (vision tower run, positions laid out after the slot's empty sequence), or None."""
         from ..multimodal import build_image_prompt
 
         if not req.images:
             req.n_prompt = len(req.prompt)
             return None
-        with self._vision_lock:
-            ip = build_image_prompt(self.eng, np.asarray(req.prompt, np.int64), req.images, start=0, n_past=0)
+        ip = build_image_prompt(self.eng, np.asarray(req.prompt, np.int64), req.images, seq=req.slot)
         req.n_prompt = int(ip.layout.tokens.size)
         return ip
 
     def _prefill(self, req: Request, ip: Any) -> np.ndarray:
-        seq = {"seq": req.slot} if self.multi else {}
-        if not self.multi:
-            self.eng.reset()
         if ip is not None:
-            return self.eng._prefill_mm(ip.layout.tokens, ip.rows, ip.layout.positions, False, **seq).logits
-        return self.eng.prefill(req.prompt, **seq).logits
-
-    def _decode(self, reqs: list[Request]) -> np.ndarray:
-        if self.multi:
-            return self.eng.decode([r.slot for r in reqs], [r.last_token for r in reqs])
-        return self.eng.prefill([reqs[0].last_token]).logits[None, :]
+            return self.eng._prefill_mm(ip.layout.tokens, ip.rows, ip.layout.positions, seq=req.slot).logits
+        return self.eng.prefill(req.prompt, seq=req.slot).logits
 
     def _release(self, req: Request) -> None:
         """Give the request's slot back (under the lock)."""
         slot = req.slot
         self._running.pop(slot, None)
         self._prefilling.pop(slot, None)
-        if self.multi:
-            self.eng.free_seq(slot)
+        self.eng.free_seq(slot)
         self._free.append(slot)
         self._gauges()
         self._cv.notify_all()
@@ -233,7 +219,7 @@ class Scheduler:
     def _step(self, batch: list[Request]) -> None:
         t0 = time.perf_counter()
         try:
-            logits = self._decode(batch)
+            logits = self.eng.decode([r.slot for r in batch], [r.last_token for r in batch])
         except Exception as e:  # noqa: BLE001 — the step failed for every request in it
             self._fail(batch, RequestFailed(500, f"the engine failed: {type(e).__name__}: {e}", "server_error"))
             return
