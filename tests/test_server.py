@@ -287,3 +287,36 @@ def test_disconnect_during_prefill_cancels_it(smollm2_path):
             assert r.status_code == 200
     finally:
         eng.close()
+
+
+def test_image_url_as_data_url(tmp_path):
+    """--mmproj: a chat with an image_url part (base64 data: URL) answers what Engine.chat answers for the same
+    image given as a file (synthetic Qwen2-VL pair, as tests/test_vlm.py)."""
+    import base64
+    import io
+
+    from PIL import Image
+    from test_vlm import FX, META  # the committed synthetic pair's recipe
+
+    from turboprefill import Engine
+    from turboprefill.writer_vl import write_pair
+
+    tp, mp = tmp_path / "qwen2vl.gguf", tmp_path / "mmproj.gguf"
+    write_pair(tp, mp, text=META["text_kwargs"], vision=META["vision_kwargs"])
+    png = io.BytesIO()
+    Image.fromarray(FX.make_image(**META["image"])).save(png, format="PNG")
+    (tmp_path / "img.png").write_bytes(png.getvalue())
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    with Engine(tp, mmproj=mp, threads=2, n_ctx=1024) as ref:
+        want = ref.chat(FX.messages(str(tmp_path / "img.png")), temperature=0, max_tokens=6)
+    with Engine(tp, mmproj=mp, threads=2, n_ctx=1024, n_seq=2) as eng, serve(eng, parallel=2) as srv:
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": FX.messages(None)[0]["content"][1]["text"]}]}]
+        r = httpx.post(srv + "/v1/chat/completions", json={"messages": msgs, "temperature": 0, "max_tokens": 6},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+        assert r.json()["usage"]["prompt_tokens"] > 54  # the image's 54 rows count as prompt positions
+        bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+        _err(httpx.post(srv + "/v1/chat/completions", json={"messages": bad}, timeout=60), 400)
+        assert httpx.get(srv + "/health").json()["status"] == "ok"
