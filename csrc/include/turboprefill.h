@@ -193,6 +193,20 @@ TP_API tp_status tp_engine_kv_digest(const tp_engine* engine, uint64_t* digest);
  * check that a stage's error stops every stage and reaches the caller. */
 TP_API tp_status tp_engine_inject_fault(tp_engine* engine, int64_t layer);
 
+/* Testing aids: faults armed process-wide (csrc/testing/fault_inject.h); tests that arm one run one at a time.
+ * tp_test_fail_alloc: the n-th allocation of `kind` from now on (1 = the next one) fails as a real failed
+ * allocation would (std::bad_alloc inside the library); n = 0 disarms. Covers the CPU backend: activation
+ * buffers (scratch, ring slots, logits, vision buffers) and each layer's K or V buffer of a KV cache growth. */
+typedef enum tp_alloc_kind {
+  TP_ALLOC_ACTIVATION = 0,
+  TP_ALLOC_KV_CACHE = 1
+} tp_alloc_kind;
+TP_API tp_status tp_test_fail_alloc(int32_t kind, int64_t n);
+/* The next GgufFile::check_intact of the file opened as `path` (at the start of a prefill or vision encode)
+ * truncates that file to `size` bytes once its check has passed: a truncation during the run that follows.
+ * path = NULL disarms. */
+TP_API tp_status tp_test_truncate_after_check(const char* path, int64_t size);
+
 /* Self-checking stress run of the stage-to-stage ring (see csrc/pipeline/ring_stress.h); *errors = 0
  * when every item arrived once, in order, intact. */
 TP_API tp_status tp_ring_stress(int32_t capacity, int64_t n_items, int64_t max_delay_ns, uint64_t seed,
