@@ -140,7 +140,10 @@ TP_API tp_status tp_engine_info(const tp_engine* engine, tp_model_info* out);
 
 /* Run the prompt tokens[0..n) after the tokens already in the KV cache.
  * logits: caller buffer of logits_len floats; receives the last token's logits (n_vocab floats), or
- * every token's logits (n * n_vocab floats, token-major) when all_logits != 0. May be NULL (no logits). */
+ * every token's logits (n * n_vocab floats, token-major) when all_logits != 0. May be NULL (no logits).
+ * On any error the sequence is left as it was. TP_ERR_IO when the model file was truncated: before the call
+ * (restore the file and retry), or during it, in which case the logits are garbage and every later call
+ * fails the same way (free the engine and load the model again). */
 TP_API tp_status tp_engine_prefill(tp_engine* engine, const int32_t* tokens, int64_t n, int32_t all_logits,
                                    float* logits, int64_t logits_len);
 /* Multimodal prefill: like tp_engine_prefill, with embedding rows and explicit rope positions.
