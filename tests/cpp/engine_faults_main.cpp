@@ -106,17 +106,23 @@ void injected_stage_fault(const std::string& model, int64_t n_vocab) {
   tp_engine_free(e);
 }
 
-// tp_engine_cancel from another thread while two pipelined stages run: every prefill ends OK (the cancel
-// came before the run started, which clears it) or CANCELLED, and the engine keeps working.
+// tp_engine_cancel from another thread while two pipelined stages run, the first cancel at a later point of
+// the run each round (from its start to past its end): every prefill ends OK (no cancel landed during the
+// run) or CANCELLED, and the engine keeps working.
 void cancel_race(const std::string& model, int64_t n_vocab, int rounds) {
   tp_engine* e = create(model, "cpu:0,cpu:1", 512);
+  const auto t0 = std::chrono::steady_clock::now();
+  expect("prefill", prefill(e, tokens(200, n_vocab), nullptr), {TP_OK});
+  const auto run = std::chrono::steady_clock::now() - t0;
+  tp_engine_reset(e);
   int cancelled = 0;
   for (int r = 0; r < rounds; ++r) {
     std::atomic<bool> done{false};
     std::thread canceller([&] {
+      std::this_thread::sleep_for(run * (r + 1) / rounds);
       while (!done.load()) {
         tp_engine_cancel(e);
-        std::this_thread::sleep_for(std::chrono::microseconds(200 + 300 * r));
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
       }
     });
     std::vector<float> logits(static_cast<size_t>(n_vocab));
