@@ -321,7 +321,13 @@ void Engine::prefill_mm(const int32_t* tokens, int64_t n, const float* embd, int
   trace_.clear();
   for (auto& st : stages_) st->ops->take_router_stats();  // drop counts a failed prefill left behind
   const double t0 = now_seconds();
-  trace_ = pipeline_->run(job);
+  try {
+    trace_ = pipeline_->run(job);
+  } catch (...) {
+    file_->check_reads();  // a file truncated under the run is the root cause of whatever else failed
+    throw;
+  }
+  file_->check_reads();  // reads past a truncation returned zeros (map_guard.h): the results are garbage
   last_seconds_ = now_seconds() - t0;
   n_past_ += n;
   next_pos_ = next_pos;
