@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,49 @@ def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     return np.clip(np.rint((top * (1 - fy) + bot * fy) * 255), 0, 255).astype(np.uint8)
 
 
+def llama_cpp_times(text_path: Path, mmproj_path: Path, img: np.ndarray, question: str, threads: int,
+                    ubatch: int) -> dict:
+    """llama.cpp's own numbers on the same files and image (llama-cpp-python's mtmd): vision encode and the
+    whole prompt's evaluation (mtmd_helper_eval_chunks: encode + text prefill), one CPU stage, `threads`."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+
+    from turboprefill.multimodal import IMAGE_MARKUP, QWEN2VL_CHAT_TEMPLATE, render_chat
+
+    llm = llama_cpp.Llama(model_path=str(text_path), n_ctx=8192, n_batch=ubatch, n_ubatch=ubatch, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, threads, False, False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj_path).encode(), llm.model, params)
+    h, w, _ = img.shape
+    buf = (ctypes.c_uint8 * img.size).from_buffer_copy(np.ascontiguousarray(img).tobytes())
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = render_chat(QWEN2VL_CHAT_TEMPLATE, msgs).replace(IMAGE_MARKUP, mtmd.mtmd_default_marker().decode())
+    out = {}
+    for key in ("encode", "prompt"):
+        bitmap = mtmd.mtmd_bitmap_init(w, h, buf)
+        chunks = mtmd.mtmd_input_chunks_init()
+        inp = mtmd.mtmd_input_text(text.encode(), len(text.encode()), False, True)
+        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        t0 = time.perf_counter()
+        if key == "encode":
+            parts = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+            image_chunk = next(c for c in parts if mtmd.mtmd_input_chunk_get_type(c) != 0)  # 0: text
+            assert mtmd.mtmd_encode_chunk(ctx, image_chunk) == 0
+        else:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+            n_past = llama_cpp.llama_pos(0)
+            assert mtmd.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, ubatch, True, ctypes.byref(n_past)) == 0
+        out[key] = time.perf_counter() - t0
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+    mtmd.mtmd_free(ctx)
+    llm.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default="1920x1080", help="WIDTHxHEIGHT of the synthetic image")
@@ -57,6 +101,8 @@ def main() -> int:
     ap.add_argument("--vision-layers", type=int, default=8, help="vision layers (real: 32)")
     ap.add_argument("--question", default="Describe this image in detail.")
     ap.add_argument("--out", default=None, help="directory for results.md and results.json")
+    ap.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (llama-cpp-python's mtmd) on the "
+                    "same files: vision encode and the whole prompt on one CPU stage with all cores")
     a = ap.parse_args()
     width, height = (int(x) for x in a.image.lower().split("x"))
 
@@ -71,9 +117,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as td:
         tp, mp = Path(td) / "qwen2vl.gguf", Path(td) / "mmproj.gguf"
         write_pair(tp, mp, text=text, vision=vision)
-        res = image_ttft(str(tp), str(mp), synthetic_image(width, height), a.question, devices=a.devices,
+        img = synthetic_image(width, height)
+        res = image_ttft(str(tp), str(mp), img, a.question, devices=a.devices,
                          threads=a.threads, ubatch=a.ubatch, repeat=a.repeat, n_ctx=8192,
                          vision_threads=a.vision_threads or None)
+        ref = None
+        if a.llama_cpp:
+            cores = meta["cores"] or 1
+            ref = llama_cpp_times(tp, mp, img, a.question, cores, a.ubatch)
+            ours = image_ttft(str(tp), str(mp), img, a.question, devices="cpu", threads=cores, ubatch=a.ubatch,
+                              repeat=1, n_ctx=8192)["sequential"]
     lines = [
         f"# Image prefill: {width}×{height} image, synthetic Qwen2.5-VL shape, {a.devices}",
         "",
@@ -85,6 +138,14 @@ def main() -> int:
         "",
         *image_ttft_table(res),
     ]
+    if ref is not None:
+        lines += ["", f"One CPU stage with all {meta['cores']} cores, same files and image (llama-cpp-python "
+                  f"{__import__('llama_cpp').__version__}, its mtmd):", "",
+                  "| engine | vision encode (s) | image + question to first token (s) |", "|---|---:|---:|",
+                  f"| llama.cpp | {ref['encode']:.3f} | {ref['prompt']:.3f} |",
+                  f"| turboprefill | {ours['encode']:.3f} | {ours['ttft']:.3f} |", "",
+                  f"vision encode {ref['encode'] / ours['encode']:.2f}× llama.cpp's speed, whole prompt "
+                  f"{ref['prompt'] / ours['ttft']:.2f}×"]
     print("\n".join(lines))
     if a.out:
         out = Path(a.out)

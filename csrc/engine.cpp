@@ -369,7 +369,7 @@ void Engine::prefill_seq(int seq, const int32_t* tokens, int64_t n, const float*
     job.bounds = plan_ubatches(cfg_, k, n, cur.n_past, umin, params_.ubatch, int64_t(stages_.size()));
   }
   const double t0 = now_seconds();
-  std::vector<TraceEvent> trace = pipeline_->run(job);
+  std::vector<TraceEvent> trace = run_job(job);
   const double seconds = now_seconds() - t0;
   std::lock_guard<std::mutex> lk(seq_mu_);
   Slot& s = seqs_[size_t(seq)];
@@ -426,7 +426,7 @@ void Engine::decode(int64_t n, const int32_t* seqs, const int32_t* tokens, float
   job.all_logits = true;
   job.logits = logits;
   const double t0 = now_seconds();
-  std::vector<TraceEvent> trace = pipeline_->run(job);
+  std::vector<TraceEvent> trace = run_job(job);
   const double seconds = now_seconds() - t0;
   std::lock_guard<std::mutex> lk(seq_mu_);
   for (int64_t i = 0; i < n; ++i) {
@@ -437,6 +437,18 @@ void Engine::decode(int64_t n, const int32_t* seqs, const int32_t* tokens, float
     s.seconds = seconds;
     s.router = job.router;
   }
+}
+
+std::vector<TraceEvent> Engine::run_job(Job& job) {
+  std::vector<TraceEvent> trace;
+  try {
+    trace = pipeline_->run(job);
+  } catch (...) {
+    file_->check_reads();  // a file truncated under the run is the root cause of whatever else failed
+    throw;
+  }
+  file_->check_reads();  // reads past a truncation returned zeros (map_guard.h): the results are garbage
+  return trace;
 }
 
 uint64_t Engine::kv_digest(int seq) const {

@@ -116,6 +116,8 @@ class Engine {
   void place_stages(const EngineParams& p);
   void check_seq(int seq) const;
   Slot slot(int seq) const;  // a copy, under seq_mu_
+  // pipeline_->run, plus the model file's truncation check (GgufFile::check_reads) after it.
+  std::vector<TraceEvent> run_job(Job& job);
 
   EngineParams params_;
   std::unique_ptr<GgufFile> file_;

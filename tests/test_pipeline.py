@@ -4,6 +4,7 @@ cancellation, and the activation ring."""
 from __future__ import annotations
 
 import _thread
+import gc
 import json
 import os
 import threading
@@ -150,7 +151,10 @@ def test_ctrl_c_cancels_within_a_second(synthetic_model):
 
 def _threads() -> int:
     # Python threads that are finishing (a prefill's helper thread, an earlier test's Timer) are joined
-    # first, so that only native threads the engine failed to stop can make the count grow.
+    # first, so that only native threads the engine failed to stop can make the count grow. Engines of
+    # earlier tests kept alive only by reference cycles (a pytest.raises traceback) are collected first: each
+    # holds its stage threads until freed, and a collection mid-test would change the count.
+    gc.collect()
     for t in threading.enumerate():
         if t is not threading.main_thread():
             t.join(timeout=5)

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "quant/types.h"
+#include "testing/fault_inject.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the GGUF reader assumes a little-endian host");
 
@@ -237,6 +238,7 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
       if (p == MAP_FAILED) fail(TP_ERR_IO, "%s: cannot mmap %llu bytes: %s", path.c_str(), ull(size_),
                                 std::strerror(errno));
       map_ = static_cast<const uint8_t*>(p);
+      guard_slot_ = map_guard_add(p, size_t(size_), &read_fault_);
     }
     parse();
   } catch (...) {
@@ -248,6 +250,7 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
 GgufFile::~GgufFile() { release(); }
 
 void GgufFile::check_intact() const {
+  check_reads();
   struct stat st;
   if (fd_ < 0 || ::fstat(fd_, &st) != 0)
     fail(TP_ERR_IO, "%s: cannot stat the open model file: %s", path_.c_str(), std::strerror(errno));
@@ -255,9 +258,20 @@ void GgufFile::check_intact() const {
   if (uint64_t(st.st_size) < size_)
     fail(TP_ERR_IO, "%s: the model file shrank from %llu to %llu bytes since it was loaded (truncated or being "
          "rewritten); restore it and create a new Engine", path_.c_str(), ull(size_), ull(st.st_size));
+  truncate_fault_point(path_);
+}
+
+void GgufFile::check_reads() const {
+  const uint64_t f = read_fault_.load(std::memory_order_acquire);
+  if (f != 0)
+    fail(TP_ERR_IO, "%s was truncated or replaced while in use (a read at byte %llu of the %llu it had when "
+         "loaded found no data); the results of this call are discarded; reload the model", path_.c_str(),
+         ull(f - 1), ull(size_));
 }
 
 void GgufFile::release() {
+  map_guard_remove(guard_slot_);
+  guard_slot_ = -1;
   if (map_) ::munmap(const_cast<uint8_t*>(map_), size_t(size_));
   map_ = nullptr;
   if (fd_ >= 0) ::close(fd_);

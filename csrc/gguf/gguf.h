@@ -1,7 +1,8 @@
 // gguf.h — zero-copy GGUF reader: header, metadata, tensor table, all validated against the file.
 //
 // The file is mmapped read-only; tensor data pointers point into the mapping, so a GgufFile must outlive
-// every weight view taken from it. Every length, count, offset and size read from the file is checked
+// every weight view taken from it. The mapping is registered with map_guard.h, so a file truncated under it
+// is an error at the next check_reads instead of SIGBUS. Every length, count, offset and size read from the file is checked
 // against the file's size before use: a truncated, corrupt or hostile file gives a tp::Error with
 // TP_ERR_FORMAT naming what was wrong, where (byte offset / key / tensor) and expected vs found — never an
 // out-of-bounds read. Versions 2 and 3, little-endian only (GGUF_SPEC §1).
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gguf/map_guard.h"
 
 namespace tp {
 
@@ -78,9 +80,13 @@ class GgufFile {
   double get_float_or(const std::string& key, double def) const;  // F32/F64 (integers accepted too)
 
   // Throws TP_ERR_IO when the file has shrunk since it was opened (truncated in place, e.g. by a download
-  // that rewrites it): touching the mapping past the new end would kill the process with SIGBUS, so callers
-  // check before a run that reads tensor data. A truncation *during* that run is not caught.
+  // that rewrites it), or when check_reads would: callers check before a run that reads tensor data, so
+  // that a truncation between runs is an error before any read, and the file can still be restored.
   void check_intact() const;
+  // Throws TP_ERR_IO once any read of the mapping has found the file truncated (map_guard.h: the read got
+  // zeros instead of SIGBUS). Callers check after each run that read tensor data and discard its results;
+  // from then on the mapping holds zeros where the file was missing, so every later check fails too.
+  void check_reads() const;
 
   const std::vector<GgufTensor>& tensors() const { return tensors_; }
   const GgufTensor* find_tensor(const std::string& name) const;  // nullptr if absent
@@ -93,6 +99,8 @@ class GgufFile {
   int fd_ = -1;
   const uint8_t* map_ = nullptr;
   uint64_t size_ = 0;
+  MapFaultFlag read_fault_{0};  // written by the SIGBUS handler (map_guard.h)
+  int guard_slot_ = -1;
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
   uint64_t data_offset_ = 0;

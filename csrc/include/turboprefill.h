@@ -142,7 +142,10 @@ TP_API tp_status tp_engine_info(const tp_engine* engine, tp_model_info* out);
 
 /* Run the prompt tokens[0..n) after the tokens already in the KV cache.
  * logits: caller buffer of logits_len floats; receives the last token's logits (n_vocab floats), or
- * every token's logits (n * n_vocab floats, token-major) when all_logits != 0. May be NULL (no logits). */
+ * every token's logits (n * n_vocab floats, token-major) when all_logits != 0. May be NULL (no logits).
+ * On any error the sequence is left as it was. TP_ERR_IO when the model file was truncated: before the call
+ * (restore the file and retry), or during it, in which case the logits are garbage and every later call
+ * fails the same way (free the engine and load the model again). */
 TP_API tp_status tp_engine_prefill(tp_engine* engine, const int32_t* tokens, int64_t n, int32_t all_logits,
                                    float* logits, int64_t logits_len);
 /* Multimodal prefill: like tp_engine_prefill, with embedding rows and explicit rope positions.
@@ -224,6 +227,20 @@ TP_API tp_status tp_engine_kv_digest(const tp_engine* engine, uint64_t* digest);
 /* Testing aid: the next prefills fail with TP_ERR_INTERNAL when they reach `layer` (-1 turns it off), to
  * check that a stage's error stops every stage and reaches the caller. */
 TP_API tp_status tp_engine_inject_fault(tp_engine* engine, int64_t layer);
+
+/* Testing aids: faults armed process-wide (csrc/testing/fault_inject.h); tests that arm one run one at a time.
+ * tp_test_fail_alloc: the n-th allocation of `kind` from now on (1 = the next one) fails as a real failed
+ * allocation would (std::bad_alloc inside the library); n = 0 disarms. Covers the CPU backend: activation
+ * buffers (scratch, ring slots, logits, vision buffers) and each layer's K or V buffer of a KV cache growth. */
+typedef enum tp_alloc_kind {
+  TP_ALLOC_ACTIVATION = 0,
+  TP_ALLOC_KV_CACHE = 1
+} tp_alloc_kind;
+TP_API tp_status tp_test_fail_alloc(int32_t kind, int64_t n);
+/* The next GgufFile::check_intact of the file opened as `path` (at the start of a prefill or vision encode)
+ * truncates that file to `size` bytes once its check has passed: a truncation during the run that follows.
+ * path = NULL disarms. */
+TP_API tp_status tp_test_truncate_after_check(const char* path, int64_t size);
 
 /* Self-checking stress run of the stage-to-stage ring (see csrc/pipeline/ring_stress.h); *errors = 0
  * when every item arrived once, in order, intact. */

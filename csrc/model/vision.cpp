@@ -405,6 +405,7 @@ double VisionModel::encode(const float* pixels, int64_t h, int64_t w, float* out
 
   std::vector<float> seq(static_cast<size_t>(n_m * c.proj_dim));
   o.to_host(seq.data(), y_, n_m * c.proj_dim);
+  file_->check_reads();  // reads past a truncation returned zeros (map_guard.h): do not hand them out
   for (int64_t dst = 0; dst < n_m; ++dst)
     std::copy(seq.data() + dst * c.proj_dim, seq.data() + (dst + 1) * c.proj_dim,
               out + int64_t(inv[size_t(dst)]) * c.proj_dim);

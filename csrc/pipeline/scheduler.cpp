@@ -22,7 +22,7 @@ void* mark(Ops& ops) {
 }
 
 // Stage s's message for the error being handled (call inside catch): status and "stage s (device, layers
-// a-b), layer l: what".
+// a-b), layer l: what", or "stage s (device): what" outside the layers.
 std::pair<tp_status, std::string> stage_error(const Stage& st) {
   tp_status status = TP_ERR_INTERNAL;
   std::string msg;
@@ -41,8 +41,7 @@ std::pair<tp_status, std::string> stage_error(const Stage& st) {
     return {status, fmt("stage %d (%s, layers %lld-%lld), layer %lld: %s", st.index, st.device.c_str(),
                         (long long)st.layer_begin, (long long)st.layer_end - 1, (long long)st.current_layer,
                         msg.c_str())};
-  return {status, fmt("stage %d (%s, layers %lld-%lld): %s", st.index, st.device.c_str(), (long long)st.layer_begin,
-                      (long long)st.layer_end - 1, msg.c_str())};
+  return {status, fmt("stage %d (%s): %s", st.index, st.device.c_str(), msg.c_str())};
 }
 
 }  // namespace
@@ -196,10 +195,18 @@ void Pipeline::compute(int s, Job& job, int64_t m) {
   Job::StageSteps& ss = job.stages[size_t(s)];
   if (m == 0) {
     // The job's slots grow here, on the stage's own thread, so that a stage's Ops is only ever driven by it.
+    auto reserve = [&](int32_t seq, int64_t n_pos) {
+      try {
+        st.ops->kv_reserve(seq, st.n_layers(), cfg_.kv_dim(), n_pos);
+      } catch (const std::bad_alloc&) {
+        fail(TP_ERR_OUT_OF_MEMORY, "out of memory growing the KV cache to %lld positions (%.1f MiB)",
+             (long long)n_pos, double(2 * st.n_layers() * cfg_.kv_dim() * n_pos * 4) / (1 << 20));
+      }
+    };
     if (job.is_decode())
-      for (const KvRow& r : job.rows) st.ops->kv_reserve(r.seq, st.n_layers(), cfg_.kv_dim(), r.pos + 1);
+      for (const KvRow& r : job.rows) reserve(r.seq, r.pos + 1);
     else
-      st.ops->kv_reserve(job.seq, st.n_layers(), cfg_.kv_dim(), job.pos0 + job.n);
+      reserve(job.seq, job.pos0 + job.n);
   }
   // Step times come from the backend's timers (GPU events on cuda), placed on the host clock through an
   // origin mark taken at the job's first step here; they are read at the job's last step (read_timers).

@@ -14,6 +14,7 @@
 #include "backend/cpu/kernels.h"
 #include "common.h"
 #include "quant/blocks.h"
+#include "testing/fault_inject.h"
 
 namespace tp {
 
@@ -84,11 +85,13 @@ class CpuOps final : public Ops {
   explicit CpuOps(int n_threads) : pool_(n_threads) {}
 
   float* alloc(int64_t n) override {
+    alloc_fault_point(TP_ALLOC_ACTIVATION);
     buffers_.emplace_back(size_t(n > 0 ? n : 1));
     return buffers_.back().data();
   }
 
   int32_t* alloc_i32(int64_t n) override {
+    alloc_fault_point(TP_ALLOC_ACTIVATION);
     ibuffers_.emplace_back(size_t(n > 0 ? n : 1));
     return ibuffers_.back().data();
   }
@@ -114,9 +117,15 @@ class CpuOps final : public Ops {
            "KV cache for %lld positions needs %.0f MiB more but only %.0f MiB of memory is available; use a "
            "shorter prompt or a smaller n_ctx, or split the layers over more stages",
            (long long)n_pos, add_mib, avail_mib);
+    // Every layer's capacity first, then the sizes (which then cannot fail): a growth that fails part-way
+    // leaves every size as it was, and the early return above (layer 0's size) stays true for all layers.
+    for (int64_t l = 0; l < n_layers; ++l)
+      for (std::vector<float>* kv : {&k[size_t(l)], &v[size_t(l)]}) {
+        if (kv->capacity() >= cap) continue;
+        alloc_fault_point(TP_ALLOC_KV_CACHE);
+        kv->reserve(cap);
+      }
     for (int64_t l = 0; l < n_layers; ++l) {
-      k[size_t(l)].reserve(cap);
-      v[size_t(l)].reserve(cap);
       k[size_t(l)].resize(need);
       v[size_t(l)].resize(need);
     }
