@@ -320,3 +320,10 @@ def test_image_url_as_data_url(tmp_path):
         bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
         _err(httpx.post(srv + "/v1/chat/completions", json={"messages": bad}, timeout=60), 400)
         assert httpx.get(srv + "/health").json()["status"] == "ok"
+
+
+def test_cli_serve_rejects_bad_counts(smollm2_path, capsys):
+    from turboprefill.cli import main
+
+    assert main(["serve", str(smollm2_path), "--parallel", "0"]) == 2
+    assert "--parallel must be >= 1" in capsys.readouterr().err
