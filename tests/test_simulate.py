@@ -20,7 +20,16 @@ import pytest
 
 from turboprefill import Engine
 from turboprefill.costmodel import DeviceCost, fit_handoff, fit_overhead, fit_trace, trace_rows
-from turboprefill.simulate import LINKS, PROFILES, ModelSpec, fit_efficiency, fixed_bounds, link_seconds, simulate
+from turboprefill.simulate import (
+    LINKS,
+    PROFILES,
+    ModelSpec,
+    fit_efficiency,
+    fit_wave_overhead,
+    fixed_bounds,
+    link_seconds,
+    simulate,
+)
 
 TOLERANCE = 0.10  # the issue's bound on |predicted / measured - 1|
 REPEATS = 7  # rounds; each keeps the fastest run (other jobs only ever slow a run down)
@@ -108,3 +117,22 @@ def test_profile_efficiency_fit_reproduces_its_anchor():
     c = PROFILES["rtx3090"].cost(m, eff)
     t, _ = simulate([c] * 2, [4, 4], m.windows, fixed_bounds(4096, 512), m.n_embd, "sequential", "pcie4")
     assert 4096 / t == pytest.approx(20000.0, rel=1e-3)
+
+
+def test_lockstep_host_cost_is_paid_per_layer_of_each_busy_stage_and_fits_its_anchor():
+    """Lockstep waves: wave w ends at its slowest step, then the host pays wave_overhead per layer of every
+    busy stage. Equal stages of cost c, split [1, 3] on free links: M + P - 1 waves of c, plus h for each
+    (ubatch, layer) pair. fit_wave_overhead inverts it for a profile."""
+    c = DeviceCost(tok=1e-3, pair=0.0)
+    M, u, h = 6, 8, 2e-4
+    b = fixed_bounds(M * u, u)
+    base, _ = simulate([c] * 2, [1, 3], [0] * 4, b, 16, "lockstep", link="none")
+    with_h, _ = simulate([c] * 2, [1, 3], [0] * 4, b, 16, "lockstep", link="none", wave_overhead=h)
+    assert with_h - base == pytest.approx(h * M * 4, rel=1e-9)
+    m = ModelSpec("toy", 8, 1024, 8, 2, 128, 4096, 32000)
+    eff = fit_efficiency(PROFILES["rtx3090"], m, 2, 4096, 20000.0, "sequential", 512)
+    wave = fit_wave_overhead(PROFILES["rtx3090"], m, 2, 4096, 30000.0, eff, 512)
+    assert wave > 0
+    t, _ = simulate([PROFILES["rtx3090"].cost(m, eff)] * 2, [4, 4], m.windows, fixed_bounds(4096, 512), m.n_embd,
+                    "lockstep", "pcie4", wave_overhead=wave)
+    assert 4096 / t == pytest.approx(30000.0, rel=1e-9)
