@@ -4,7 +4,8 @@
 For each prompt length the engines run in rounds, each engine once per round on the same prompt, so
 ratios between them are measured under the same machine load; the table shows medians over rounds of
 each round's values (and the best round's tok/s). Efficiency = measured speedup over running every step
-one at a time / the ideal M·P/(M+P−1) (the stats of Engine.prefill). The simulator, calibrated from the
+one at a time / the ideal M·P/(M+P−1) (the stats of Engine.prefill); scaling = speedup over one stage
+alone (ubatch 2·--ubatch, same prompt and round) / P. The simulator, calibrated from the
 round's runs of two other configurations (even split, ubatch/2 and 2·ubatch: per-stage fit), predicts the
 round's other runs; its median error is printed next to the measurement. --sweep adds the auto split
 with other fixed ubatch sizes, to check the cost-shaped cut's count against the measured best size.
@@ -59,6 +60,10 @@ def main() -> int:
             engines[f"auto + fixed {u}"] = Engine(model, layer_split="auto", ubatch=u, **kw)
         engines["cal:small"] = Engine(model, layer_split=None, ubatch=max(8, a.ubatch // 2), **kw)
         engines["cal:large"] = Engine(model, layer_split=None, ubatch=2 * a.ubatch, **kw)
+        # One stage with one stage's threads: the yardstick of "scaling", which unlike the efficiency does
+        # not depend on how many ubatches an engine cut (the efficiency's ideal does).
+        engines["ref:1 stage"] = Engine(model, devices=a.devices.split(",")[0], threads=a.threads, n_ctx=n,
+                                        layer_split=None, ubatch=2 * a.ubatch)
         return engines
 
     meta = machine_info()
@@ -86,13 +91,14 @@ def main() -> int:
         for k in split:
             ranges.append((b, b + k))
             b += k
-        per = {name: [] for name in engines if not name.startswith("cal:")}
+        per = {name: [] for name in engines if ":" not in name}
         for _ in range(a.repeat):
             got = {}
             for name, e in engines.items():
                 e.reset()
                 got[name] = e.prefill(toks)
             cal = [got.pop("cal:small"), got.pop("cal:large")]
+            single = got.pop("ref:1 stage").stats["seconds"]
             tr = trace_rows(cal[0].trace, 0) + trace_rows(cal[1].trace, 0)
             handoff = float(np.median([fit_handoff(r.trace) for r in cal]))
             overhead = float(np.median([fit_overhead(r) for r in cal]))
@@ -103,7 +109,8 @@ def main() -> int:
                 pred = simulate(costs, splits[name], windows, bounds, n_embd, "pipelined", handoff=handoff,
                                 draws=64)[0] + overhead
                 per[name].append((r, bounds, pred / r.stats["seconds"] - 1,
-                                  got["even + fixed"].stats["seconds"] / r.stats["seconds"]))
+                                  got["even + fixed"].stats["seconds"] / r.stats["seconds"],
+                                  single / r.stats["seconds"] / len(split)))
         for name, rs in per.items():
             s = rs[0][0].stats
             sizes = np.diff(rs[0][1])
@@ -114,14 +121,16 @@ def main() -> int:
             rows.append((n, name, splits[name], s["ubatches"], f"{sizes[0]}…{sizes[-1]}",
                          max(x[0].stats["tokens_per_second"] for x in rs), med(lambda x: x[3]),
                          [med(lambda x, i=i: x[0].stats["stage_busy_seconds"][i]) for i in range(len(split))],
-                         s["ideal_speedup"], med(lambda x: x[0].stats["efficiency"]), med(lambda x: x[2])))
+                         s["ideal_speedup"], med(lambda x: x[0].stats["efficiency"]), med(lambda x: x[4]),
+                         med(lambda x: x[2])))
     print()
     print("| ctx | engine | split | M | ubatch first…last | best tok/s | speed vs even + fixed | stage busy s "
-          "| ideal | efficiency | sim. error |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, name, split, M, sizes, tps, rel, busy, ideal, eff, err in rows:
+          "| ideal | efficiency | scaling | sim. error |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, name, split, M, sizes, tps, rel, busy, ideal, eff, scaling, err in rows:
         print(f"| {n} | {name} | {split} | {M} | {sizes} | {tps:.0f} | {rel:.2f}x | "
-              f"{' / '.join(f'{x:.3f}' for x in busy)} | {ideal:.2f}x | {100 * eff:.0f}% | {100 * err:+.1f}% |")
+              f"{' / '.join(f'{x:.3f}' for x in busy)} | {ideal:.2f}x | {100 * eff:.0f}% | "
+              f"{100 * scaling:.0f}% | {100 * err:+.1f}% |")
     return 0
 
 
