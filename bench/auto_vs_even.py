@@ -47,8 +47,9 @@ def main() -> int:
         # Engines sized for the prompt (n_ctx = n), as a user would: the auto split is planned for a prompt
         # filling n_ctx, so each length gets its own plan. "cal:*" are the simulator's calibration: even
         # split at two other ubatch sizes, so per-token and per-step costs separate in the fit (positions
-        # vary within a run, which gives the per-pair cost). Neither measured engine is such a configuration:
-        # both simulated rows are predictions (tests/test_simulate.py calibrates the same way).
+        # vary within a run, which gives the per-pair cost). The compared engines are not such configurations,
+        # so their simulated rows are predictions (a sweep row is in-sample when the auto split is even and
+        # its size is a calibration size); tests/test_simulate.py calibrates the same way.
         # "auto + fixed" separates what the split gains from what the cut gains.
         kw = dict(devices=a.devices, threads=a.threads, n_ctx=n)
         engines = {
@@ -123,6 +124,8 @@ def main() -> int:
                          [med(lambda x, i=i: x[0].stats["stage_busy_seconds"][i]) for i in range(len(split))],
                          s["ideal_speedup"], med(lambda x: x[0].stats["efficiency"]), med(lambda x: x[4]),
                          med(lambda x: x[2])))
+        for e in engines.values():
+            e.close()
     print()
     print("| ctx | engine | split | M | ubatch first…last | best tok/s | speed vs even + fixed | stage busy s "
           "| ideal | efficiency | scaling | sim. error |")
