@@ -12,7 +12,8 @@ is its layer count). The result is a Trace,
 so Trace.plot draws it like a measured one.
 
 Device profiles (PROFILES) turn published peak numbers into DeviceCosts with efficiencies that are
-ASSUMPTIONS (one scalar fitted to one published measurement, see bench/README.md), not measurements.
+ASSUMPTIONS (one scalar fitted to one published measurement, see bench/README.md), not measurements; so is
+the lockstep host cost, fitted to the PoC's published run (fit_wave_overhead).
 """
 
 from __future__ import annotations
