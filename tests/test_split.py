@@ -154,3 +154,21 @@ def eng_flop(path):
     tok, pair = ffi.new("double *"), ffi.new("double *")
     lib.tp_engine_cost_defaults(e._handle(), tok, pair)
     return tok[0], pair[0]
+
+
+@pytest.mark.parametrize("n_ctx, want", [(2048, [3, 3]), (8192, [5, 1])])
+def test_flop_split_of_the_bench_model_is_the_measured_best(tmp_path, monkeypatch, n_ctx, want):
+    """bench/README.md's model (Gemma-3-shaped, 6 layers: five 256-token sliding windows, then one full
+    layer) on 2 identical stages. Stage busy times measured there (same prompt, alternating): at 2K [3, 3]
+    0.087 / 0.107 s beats [4, 2] 0.115 / 0.079 s; at 8K the full layer alone balances five windowed ones.
+    The FLOP plan must find both; with attention weighted 2× (plan.cpp's kAttnFlopCost before) it chose
+    [4, 2] at 2K."""
+    from turboprefill.writer import write_model
+
+    monkeypatch.setenv("TURBOPREFILL_CACHE", str(tmp_path / "cache"))
+    path = str(tmp_path / "g6.gguf")
+    write_model(path, "gemma3", n_vocab=4096, n_embd=128, n_layer=6, n_head=2, n_head_kv=1, head_dim=64, n_ff=384,
+                n_ctx=8192, sliding_window=256)
+    eng = Engine(path, devices="cpu:0,cpu:1", threads=1, n_ctx=n_ctx, ubatch=256)
+    assert eng.config["split_plan"]["basis"].startswith("flop counts")
+    assert eng.config["layer_split"] == want

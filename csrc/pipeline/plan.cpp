@@ -9,9 +9,13 @@
 namespace tp {
 
 namespace {
-// Attention FLOPs cost this many matmul FLOPs on the CPU backend (f32 FMA vs int8 dot products); a
-// rough default, replaced by measured coefficients when Python's cost model has them.
-constexpr double kAttnFlopCost = 2.0;
+// Attention FLOPs cost this many matmul FLOPs on the CPU backend. f32 FMA runs at about half the int8
+// dot-product rate, but every matmul does its int8 work twice (the residual stage, bench/README.md "CPU
+// speed"), which cancels it: measured per-pair / per-token ratios put it at 0.6 (Gemma 3 270M, 512 vs
+// 2048 tokens) to 0.9 (the 6-layer bench model, fit_trace at 2K); 2.0 had the 2K auto split move a layer
+// off the full-attention stage and lose 7% (bench/README.md "Balanced stages"). A default only: measured
+// coefficients replace it when Python's cost model has them.
+constexpr double kAttnFlopCost = 1.0;
 // A ubatch's fixed cost (thread hand-offs, a pass over each layer's weights, small-tile inefficiency) in
 // tokens of matmul: measured fits on the CPU backend put it at tens of tokens.
 constexpr double kStepTokens = 32.0;

@@ -23,9 +23,9 @@ struct UbatchCost {
 };
 
 // FLOP-proportional coefficients: tok = 2 × weights a token multiplies (attention projections plus the
-// FFN, or the routed experts), pair = 4 × n_head × head_dim (QK and PV) × kAttnFlopCost, because the
-// attention runs in f32 while the matmuls use int8 dot products (about 2× the FLOP rate on AVX2/512),
-// step = kStepTokens × tok: a ubatch's fixed costs are worth about that many tokens of matmul.
+// FFN, or the routed experts), pair = 4 × n_head × head_dim (QK and PV) × kAttnFlopCost (f32 attention
+// vs two-stage int8 matmuls: about 1, measured in plan.cpp), step = kStepTokens × tok: a ubatch's fixed
+// costs are worth about that many tokens of matmul.
 UbatchCost ubatch_cost_defaults(const ModelConfig& c);
 
 // Attention pairs of tokens at positions [p, p + t) in one layer with window w (0 = full causal).

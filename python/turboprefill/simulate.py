@@ -6,11 +6,14 @@ link's latency plus the activation's bytes over its bandwidth. The model replays
 arrived; a producer waits for one of the R ring slots, which the consumer frees as it takes the slot's
 data; the sequential schedule adds the credit from the last stage back to stage 0. "lockstep" models the
 proof of concept: all stages advance in waves, each wave ends when its slowest step ends, then every
-activation goes GPU -> host -> GPU with a host wait. The result is a Trace, so Trace.plot draws it like a
-measured one.
+activation goes GPU -> host -> GPU with a host wait, and the one host thread pays `wave_overhead` per layer
+of each busy GPU before the next wave (building, launching and synchronizing each GPU's graph, whose size
+is its layer count). The result is a Trace,
+so Trace.plot draws it like a measured one.
 
 Device profiles (PROFILES) turn published peak numbers into DeviceCosts with efficiencies that are
-ASSUMPTIONS (one scalar fitted to one published measurement, see bench/README.md), not measurements.
+ASSUMPTIONS (one scalar fitted to one published measurement, see bench/README.md), not measurements; so is
+the lockstep host cost, fitted to the PoC's published run (fit_wave_overhead).
 """
 
 from __future__ import annotations
@@ -121,24 +124,26 @@ PROFILES = {
 
 def simulate(costs: list[DeviceCost], split: list[int], windows: list[int], bounds: list[int], n_embd: int,
              schedule: str = "pipelined", link: str = "memcpy", host_staging: bool = False, ring_slots: int = 2,
-             pos0: int = 0, handoff: float = 0.0, draws: int = 1, seed: int = 0) -> tuple[float, Trace]:
+             pos0: int = 0, handoff: float = 0.0, draws: int = 1, seed: int = 0,
+             wave_overhead: float = 0.0) -> tuple[float, Trace]:
     """Predicted (seconds, Trace) of one prefill. costs[s]: stage s's device; split: layers per stage;
     bounds: ubatch boundaries (costmodel.plan_ubatches or range(0, n, U) + [n]); handoff: extra seconds per
-    stage-to-stage hand-off (costmodel.fit_handoff: the consumer's wake-up, measured on cpu stages).
+    stage-to-stage hand-off (costmodel.fit_handoff: the consumer's wake-up, measured on cpu stages);
+    wave_overhead: lockstep only, host seconds per layer of each busy stage per wave (fit_wave_overhead).
     draws > 1 with costs that carry a jitter: each step's time is drawn around its cost (log-normal, mean
     kept) and the totals of `draws` replays are averaged, because with jittering steps the stages wait on
     each other and a pipeline takes longer than its mean step times say; the Trace is the last replay."""
     if draws > 1 and any(c.jitter > 0 for c in costs):
         rng = np.random.default_rng(seed)
         runs = [_simulate(costs, split, windows, bounds, n_embd, schedule, link, host_staging, ring_slots, pos0,
-                          handoff, rng) for _ in range(draws)]
+                          handoff, rng, wave_overhead) for _ in range(draws)]
         return float(np.mean([t for t, _ in runs])), runs[-1][1]
     return _simulate(costs, split, windows, bounds, n_embd, schedule, link, host_staging, ring_slots, pos0,
-                     handoff, None)
+                     handoff, None, wave_overhead)
 
 
 def _simulate(costs, split, windows, bounds, n_embd, schedule, link, host_staging, ring_slots, pos0, handoff,
-              rng) -> tuple[float, Trace]:
+              rng, wave_overhead=0.0) -> tuple[float, Trace]:
     P, M = len(split), len(bounds) - 1
     if len(costs) != P or sum(split) != len(windows):
         raise ValueError(f"{len(costs)} device costs and split {split} for {len(windows)} layers")
@@ -178,7 +183,8 @@ def _simulate(costs, split, windows, bounds, n_embd, schedule, link, host_stagin
             events.append(TraceEvent(s, m, t, start[s][m], end[s][m]))
     if schedule == "lockstep":
         # Wave w runs stage s on ubatch w - s; the host waits for the wave, then stages activations through
-        # host memory (two hops) one after another from its single thread.
+        # host memory (two hops) one after another from its single thread, then prepares each busy GPU's
+        # next step (wave_overhead per layer, serial on that thread: the GPUs idle meanwhile).
         for w in range(M + P - 1):
             steps = []
             for s in range(P):
@@ -191,6 +197,7 @@ def _simulate(costs, split, windows, bounds, n_embd, schedule, link, host_stagin
                     steps.append((s, t, c))
             wave_end += max(c for _, _, c in steps)
             wave_end += sum(link_seconds(link, t * n_embd * 4, True) for s, t, _ in steps if s < P - 1)
+            wave_end += wave_overhead * sum(split[s] for s, _, _ in steps)
         return wave_end, Trace(sorted(events, key=lambda e: (e.ubatch, e.stage)))
     total = max(end[P - 1][M - 1], max(e.end for e in events)) if M else 0.0
     return total, Trace(sorted(events, key=lambda e: (e.ubatch, e.stage)))
@@ -235,6 +242,18 @@ def fit_efficiency(profile: DeviceProfile, model: ModelSpec, P: int, n: int, tok
                         schedule, profile.link)
         lo, hi = (eff, hi) if n / t < tok_s else (lo, eff)
     return (lo * hi) ** 0.5
+
+
+def fit_wave_overhead(profile: DeviceProfile, model: ModelSpec, P: int, n: int, tok_s: float, eff: float,
+                      ubatch: int = 512) -> float:
+    """The lockstep model's host seconds per layer per wave that make it reproduce a measured lockstep run
+    (tok_s for n tokens on P devices, even split, fixed ubatch), the profile's efficiency already fitted to
+    another measurement (fit_efficiency). The time is linear in it: every ubatch passes every layer once,
+    so it is the missing time over M·n_layer. Negative when the model without it is already slower."""
+    c = [profile.cost(model, eff)] * P
+    bounds = fixed_bounds(n, ubatch)
+    t0, _ = simulate(c, even(model.n_layer, P), model.windows, bounds, model.n_embd, "lockstep", profile.link)
+    return (n / tok_s - t0) / ((len(bounds) - 1) * model.n_layer)
 
 
 def even(n_layer: int, P: int) -> list[int]:
