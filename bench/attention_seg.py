@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="old/new alternations")
     ap.add_argument("--encode", action="store_true", help="also time the synthetic tower's Full HD encode")
     a = ap.parse_args()
+    from turboprefill.bench import machine_info
+
+    print(json.dumps({"machine": machine_info(), "old": a.old, "new": a.new}), flush=True)
     ffi = cffi.FFI()
     ffi.cdef(_CDEF)
     libs = {"old": ffi.dlopen(os.path.abspath(a.old)), "new": ffi.dlopen(os.path.abspath(a.new))}
