@@ -160,8 +160,9 @@ void cpu_attention_seg(ThreadPool& pool, float* out, const float* q, const float
   }
   const int64_t nh = p.n_head, hd = p.head_dim, ld = nh * hd, n_blk = int64_t(blk_seg.size());
   const int64_t n_tiles = seg_tile[size_t(n_seg)], tile_sz = kKeyTile * hd;
-  // Packed tiles of head h, tile g at (h * n_tiles + g) * tile_sz. Kept by the calling (stage) thread across
-  // calls: every layer of an image needs the same size, so it is allocated once.
+  // Packed tiles of head h, tile g at (h * n_tiles + g) * tile_sz: as large as k and v together. Kept by the
+  // calling (stage) thread across calls: every layer of an image needs the same size, and allocating it anew
+  // (~110 MB for a Full HD image in the real tower) would page-fault it in again on every layer.
   thread_local std::vector<float> kp, vp;
   if (int64_t(kp.size()) < nh * n_tiles * tile_sz) {
     kp.resize(size_t(nh * n_tiles * tile_sz));
