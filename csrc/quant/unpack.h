@@ -98,53 +98,88 @@ TP_HD float unpack_f16(uint16_t h) {
 }
 
 // ---- weights: one 32-element group -> int8 q[32] + WGroup -----------------------------------------------
+//
+// group_scale(block, g) is the WGroup alone (the CPU's SIMD decoders take the quants their own way and the
+// scales from here, so both paths form the same f32 products); unpack_group adds the quants.
 
-TP_HD WGroup unpack_group(const block_q4_0* b, int /*g*/, int8_t* q) {
+// The legacy blocks: one f16 scale d (and an f16 offset m for Q4_1/Q5_1).
+template <class B>
+TP_HD WGroup legacy_scale(const B* b) {
+  const float d = unpack_f16(b->d);
+  return {{d, d}, -0.0f};
+}
+template <class B>
+TP_HD WGroup legacy_scale_min(const B* b) {
+  const float d = unpack_f16(b->d);
+  return {{d, d}, unpack_f16(b->m)};
+}
+TP_HD WGroup group_scale(const block_q4_0* b, int /*g*/) { return legacy_scale(b); }
+TP_HD WGroup group_scale(const block_q4_1* b, int /*g*/) { return legacy_scale_min(b); }
+TP_HD WGroup group_scale(const block_q5_0* b, int /*g*/) { return legacy_scale(b); }
+TP_HD WGroup group_scale(const block_q5_1* b, int /*g*/) { return legacy_scale_min(b); }
+TP_HD WGroup group_scale(const block_q8_0* b, int /*g*/) { return legacy_scale(b); }
+// Q4_K and Q5_K: 6-bit sub-block scale and min g (GGUF_SPEC §2.3).
+template <class B>
+TP_HD WGroup k4_scale(const B* b, int g) {
+  uint8_t sc, m;
+  get_scale_min_k4(g, b->scales, &sc, &m);
+  const float d = unpack_f16(b->d) * float(sc);
+  const float mn = unpack_f16(b->dmin) * float(m);
+  return {{d, d}, -mn};
+}
+TP_HD WGroup group_scale(const block_q4_K* b, int g) { return k4_scale(b, g); }
+TP_HD WGroup group_scale(const block_q5_K* b, int g) { return k4_scale(b, g); }
+// Q6_K: sub-block scales sc[2g] for elements 0..15, sc[2g + 1] for 16..31.
+TP_HD WGroup group_scale(const block_q6_K* b, int g) {
+  const float d = unpack_f16(b->d);
+  return {{d * float(b->scales[2 * g]), d * float(b->scales[2 * g + 1])}, -0.0f};
+}
+TP_HD WGroup group_scale(const block_mxfp4* b, int /*g*/) {
+  const float d = e8m0_to_f32_half(b->e);
+  return {{d, d}, -0.0f};
+}
+
+TP_HD WGroup unpack_group(const block_q4_0* b, int g, int8_t* q) {
   for (int j = 0; j < 16; ++j) {
     const int v = b->qs[j];
     q[j] = int8_t((v & 0xF) - 8);
     q[j + 16] = int8_t((v >> 4) - 8);
   }
-  const float d = unpack_f16(b->d);
-  return {{d, d}, -0.0f};
+  return group_scale(b, g);
 }
 
-TP_HD WGroup unpack_group(const block_q4_1* b, int /*g*/, int8_t* q) {
+TP_HD WGroup unpack_group(const block_q4_1* b, int g, int8_t* q) {
   for (int j = 0; j < 16; ++j) {
     const int v = b->qs[j];
     q[j] = int8_t(v & 0xF);
     q[j + 16] = int8_t(v >> 4);
   }
-  const float d = unpack_f16(b->d);
-  return {{d, d}, unpack_f16(b->m)};
+  return group_scale(b, g);
 }
 
-TP_HD WGroup unpack_group(const block_q5_0* b, int /*g*/, int8_t* q) {
+TP_HD WGroup unpack_group(const block_q5_0* b, int g, int8_t* q) {
   const uint32_t qh = load_u32_le(b->qh);  // bytewise: the block is only 2-byte aligned
   for (int j = 0; j < 16; ++j) {
     const int v = b->qs[j];
     q[j] = int8_t(((v & 0xF) | int(((qh >> j) & 1) << 4)) - 16);
     q[j + 16] = int8_t(((v >> 4) | int(((qh >> (j + 16)) & 1) << 4)) - 16);
   }
-  const float d = unpack_f16(b->d);
-  return {{d, d}, -0.0f};
+  return group_scale(b, g);
 }
 
-TP_HD WGroup unpack_group(const block_q5_1* b, int /*g*/, int8_t* q) {
+TP_HD WGroup unpack_group(const block_q5_1* b, int g, int8_t* q) {
   const uint32_t qh = load_u32_le(b->qh);
   for (int j = 0; j < 16; ++j) {
     const int v = b->qs[j];
     q[j] = int8_t((v & 0xF) | int(((qh >> j) & 1) << 4));
     q[j + 16] = int8_t((v >> 4) | int(((qh >> (j + 16)) & 1) << 4));
   }
-  const float d = unpack_f16(b->d);
-  return {{d, d}, unpack_f16(b->m)};
+  return group_scale(b, g);
 }
 
-TP_HD WGroup unpack_group(const block_q8_0* b, int /*g*/, int8_t* q) {
+TP_HD WGroup unpack_group(const block_q8_0* b, int g, int8_t* q) {
   for (int j = 0; j < 32; ++j) q[j] = b->qs[j];
-  const float d = unpack_f16(b->d);
-  return {{d, d}, -0.0f};
+  return group_scale(b, g);
 }
 
 // Q4_K group g: chunk g/2 of qs, low nibbles for even g, high nibbles for odd g (GGUF_SPEC §2.3).
@@ -152,11 +187,7 @@ TP_HD WGroup unpack_group(const block_q4_K* b, int g, int8_t* q) {
   const uint8_t* qs = b->qs + 32 * (g >> 1);
   const int shift = 4 * (g & 1);
   for (int l = 0; l < 32; ++l) q[l] = int8_t((qs[l] >> shift) & 0xF);
-  uint8_t sc, m;
-  get_scale_min_k4(g, b->scales, &sc, &m);
-  const float d = unpack_f16(b->d) * float(sc);
-  const float mn = unpack_f16(b->dmin) * float(m);
-  return {{d, d}, -mn};
+  return group_scale(b, g);
 }
 
 // Q5_K: as Q4_K plus bit g of qh[l] as the 5th bit (GGUF_SPEC §2.4).
@@ -164,16 +195,11 @@ TP_HD WGroup unpack_group(const block_q5_K* b, int g, int8_t* q) {
   const uint8_t* qs = b->qs + 32 * (g >> 1);
   const int shift = 4 * (g & 1);
   for (int l = 0; l < 32; ++l) q[l] = int8_t(((qs[l] >> shift) & 0xF) | (((b->qh[l] >> g) & 1) << 4));
-  uint8_t sc, m;
-  get_scale_min_k4(g, b->scales, &sc, &m);
-  const float d = unpack_f16(b->d) * float(sc);
-  const float mn = unpack_f16(b->dmin) * float(m);
-  return {{d, d}, -mn};
+  return group_scale(b, g);
 }
 
 // Q6_K group g = 4h + r covers elements 128h + 32r + l (GGUF_SPEC §2.5): low 4 bits from ql[64h + l]
 // (r even) or ql[64h + 32 + l] (r odd), low nibble for r < 2; high 2 bits from qh[32h + l] >> 2r.
-// Sub-block scales: sc[2g] for l < 16, sc[2g + 1] for l >= 16.
 TP_HD WGroup unpack_group(const block_q6_K* b, int g, int8_t* q) {
   const int h = g >> 2, r = g & 3;
   const uint8_t* ql = b->ql + 64 * h + 32 * (r & 1);
@@ -181,18 +207,16 @@ TP_HD WGroup unpack_group(const block_q6_K* b, int g, int8_t* q) {
   const int lshift = 4 * (r >> 1), hshift = 2 * r;
   for (int l = 0; l < 32; ++l)
     q[l] = int8_t((((ql[l] >> lshift) & 0xF) | (((qh[l] >> hshift) & 3) << 4)) - 32);
-  const float d = unpack_f16(b->d);
-  return {{d * float(b->scales[2 * g]), d * float(b->scales[2 * g + 1])}, -0.0f};
+  return group_scale(b, g);
 }
 
 // MXFP4: the doubled E2M1 values are small integers, so q is exact and d the halved power-of-two scale.
-TP_HD WGroup unpack_group(const block_mxfp4* b, int /*g*/, int8_t* q) {
+TP_HD WGroup unpack_group(const block_mxfp4* b, int g, int8_t* q) {
   for (int j = 0; j < 16; ++j) {
     q[j] = mxfp4_value(b->qs[j] & 0xF);
     q[j + 16] = mxfp4_value(b->qs[j] >> 4);
   }
-  const float d = e8m0_to_f32_half(b->e);
-  return {{d, d}, -0.0f};
+  return group_scale(b, g);
 }
 
 // Group `gi` of a row counted from the row start (gi * 32 elements in), for any block type.

@@ -43,6 +43,7 @@
 #define TP_X86 0
 #endif
 
+#include "backend/cpu/int8_act.h"
 #include "backend/cpu/kernels.h"
 #include "quant/blocks.h"
 #include "quant/unpack.h"
@@ -55,8 +56,6 @@ namespace {
 // int8 path
 // ---------------------------------------------------------------------------------------------------------
 
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
-
 std::atomic<int> g_isa_override{-1};
 
 int detect_isa() {
@@ -64,13 +63,19 @@ int detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-    return kAvx512Vnni;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+    return kIsaAvx512Vnni;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kIsaAvx2;
 #endif
-  return kScalar;
+  return kIsaScalar;
 }
 
 }  // namespace
+
+int int8_active_isa() {
+  static const int detected = detect_isa();
+  const int o = g_isa_override.load(std::memory_order_relaxed);
+  return o >= 0 && o < detected ? o : detected;
+}
 
 int vec_isa() {
 #if TP_X86
@@ -84,26 +89,9 @@ int vec_isa() {
 
 namespace {
 
-int active_isa() {
-  static const int detected = detect_isa();
-  const int o = g_isa_override.load(std::memory_order_relaxed);
-  return o >= 0 && o < detected ? o : detected;
-}
-
 constexpr int kTileRows = 32;
 constexpr int kGroupBytes = 32 * kTileRows;  // one group of a tile: 8 chunks × 32 rows × 4 bytes
 constexpr int kTokBlk = 4;
-
-// One activation group in two int8 stages (see the file comment): x ≈ d1 q1 + (d1 / 128) q2 = d (128 q1 + q2)
-// with d = d1 / 128 (exact); s = d * Σ(128 q1 + q2) (unpack.h's s of the combined quants, exact integer
-// < 2^24 before the one rounding); lo/hi: Σ(128 q1 + q2) over elements 0..15 and 16..31.
-// d1, s1, lo1, hi1: the same for stage 1 alone (q1 with d1; unpack.h's AGroup), for the 4-bit weight types.
-struct AMeta {
-  float d, s;
-  int32_t lo, hi;
-  float d1, s1;
-  int32_t lo1, hi1;
-};
 
 // Whether type B's kernels use both stages. All types do: one stage alone (int8 activations, llama.cpp's
 // precision) is ~1.5x faster for the 4-bit types but measured cosine 0.99899 vs llama.cpp on the long
@@ -113,7 +101,6 @@ template <class B>
 constexpr bool two_stage() {
   return true;
 }
-constexpr int kActBytes = 64;  // per group and token: q1[32] then q2[32]
 
 // A decoded tile of kTileRows rows (see the file comment).
 struct Tile {
@@ -162,8 +149,7 @@ WGroup unpack_mxfp4_biased(const block_mxfp4& b, uint8_t* u) {
       u[j + 16] = kMxfp4Biased[b.qs[j] >> 4];
     }
   }
-  const float d = e8m0_to_f32_half(b.e);
-  return {{d, d}, -0.0f};
+  return group_scale(&b, 0);
 }
 
 // Decodes rows [r0, r0 + nr) of w into T; rows nr.. of the tile are zero.
@@ -536,8 +522,8 @@ struct KernelSet {
 template <class B>
 KernelSet<B> kernels_for(int isa) {
 #if TP_X86
-  if (isa == kAvx512Vnni) return {{kernel_vnni<B, 1>, kernel_vnni<B, 2>, kernel_vnni<B, 3>, kernel_vnni<B, 4>}};
-  if (isa == kAvx2) return {{kernel_avx2<B, 1>, kernel_avx2<B, 2>, kernel_avx2<B, 3>, kernel_avx2<B, 4>}};
+  if (isa == kIsaAvx512Vnni) return {{kernel_vnni<B, 1>, kernel_vnni<B, 2>, kernel_vnni<B, 3>, kernel_vnni<B, 4>}};
+  if (isa == kIsaAvx2) return {{kernel_avx2<B, 1>, kernel_avx2<B, 2>, kernel_avx2<B, 3>, kernel_avx2<B, 4>}};
 #endif
   return {{kernel_scalar<B, 1>, kernel_scalar<B, 2>, kernel_scalar<B, 3>, kernel_scalar<B, 4>}};
 }
@@ -570,11 +556,11 @@ void quantize_act(ThreadPool& pool, int isa, const float* in, int64_t n, int64_t
   pool.parallel_for(n, 4, [&](int64_t b, int64_t e, int) {
     for (int64_t t = b; t < e; ++t) {
 #if TP_X86
-      if (isa == kAvx512Vnni) {
+      if (isa == kIsaAvx512Vnni) {
         quantize_row_avx512(in + t * K, K, xq + t * ldx, mp + t * G);
         continue;
       }
-      if (isa == kAvx2) {
+      if (isa == kIsaAvx2) {
         quantize_row_avx2(in + t * K, K, xq + t * ldx, mp + t * G);
         continue;
       }
@@ -598,12 +584,14 @@ void tile_times_rows(const KernelSet<B>& ks, const Tile& tile, int64_t G, const 
 template <class B>
 void matmul_int8(ThreadPool& pool, float* out, const Tensor& w, const float* in, int64_t n_tok) {
   const int64_t K = w.cols, N = w.rows, G = K / 32, ldx = G * kActBytes;
-  const int isa = active_isa();
+  const int isa = int8_active_isa();
   const KernelSet<B> ks = kernels_for<B>(isa);
   // 1. Quantize the activations, one token row per work item.
   ActBuf& ab = act_buf();
   quantize_act(pool, isa, in, n_tok, K, ab);
-  // 2. Row tiles: decode once, then every token block.
+  // 2a. Few tokens (decode steps): dot each row straight from its blocks.
+  if (n_tok <= kGemvMaxTokens && cpu_gemv_int8(pool, out, w, ab.q.data(), ldx, ab.meta.data(), n_tok, isa)) return;
+  // 2b. Row tiles: decode once, then every token block.
   const int64_t n_tiles = (N + kTileRows - 1) / kTileRows;
   pool.parallel_for(n_tiles, 1, [&](int64_t b, int64_t e, int) {
     Tile& tile = tile_buf();
@@ -624,7 +612,7 @@ template <class B>
 void matmul_int8_grouped(ThreadPool& pool, float* y, const Tensor& w, const float* in, int64_t n_in,
                          const int64_t* src, const int64_t* start) {
   const int64_t K = w.cols, R = w.mat_rows(), G = K / 32, ldx = G * kActBytes, n_rows = start[w.mats];
-  const int isa = active_isa();
+  const int isa = int8_active_isa();
   const KernelSet<B> ks = kernels_for<B>(isa);
   ActBuf& ab = act_buf();
   quantize_act(pool, isa, in, n_in, K, ab);
@@ -690,7 +678,7 @@ const char* cpu_simd_level() {
       {"int8:avx2 f32:" TP_F32_BASE, "int8:avx2 f32:avx2+fma", "int8:avx2 f32:avx512f"},
       {"int8:avx512-vnni f32:" TP_F32_BASE, "int8:avx512-vnni f32:avx2+fma", "int8:avx512-vnni f32:avx512f"},
   };
-  return kNames[active_isa()][vec_isa()];
+  return kNames[int8_active_isa()][vec_isa()];
 }
 
 }  // namespace tp

@@ -1,0 +1,260 @@
+// gemv.cpp — the CPU int8 matmul for a few tokens (decode steps): each weight row is dotted straight from
+// its packed blocks, with no row tile.
+//
+// Why: the tile path (matmul.cpp) decodes 32 rows into an int8 tile in memory and then multiplies it with
+// every token of the ubatch. With one token the tile is used once, and decoding and storing it cost about
+// twice the multiply (perf on a SmolLM2 decode step: 66% in decode_tile). Here four rows at a time are
+// unpacked group by group into AVX2 registers (one 32-byte vector per row and group, by the per-type
+// decoders below) and dotted right away with the quants of up to kGemvMaxTokens tokens.
+//
+// Exactness. The integer sums are exact, so only the f32 steps matter, and they are the tile kernels' own.
+// Per (row, token), over the groups in order:
+//     acc = fma(d_w[h] * d, float(s_h), acc)   for each scale half h (one, the whole group, unless kSplit)
+//     acc = fma(m, s_a, acc)                   for the offset types
+// with s_h = Σ q_w (128 q1 + q2) over the half's elements. The tile kernels form the same integer from
+// biased weights minus a bias correction; here the signed weights are multiplied directly (vpmaddubsw on
+// |q_w| and the activation with q_w's sign, as the tile path's Q8_0 does). The scales come from unpack.h's
+// group_scale, the same f32 products unpack_group returns. So decode logits equal prefill logits bit for
+// bit, whichever path each takes (tests/test_cpu_kernels.py).
+#include <cstring>
+#include <type_traits>
+
+#include "backend/cpu/int8_act.h"
+#include "quant/blocks.h"
+#include "quant/unpack.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TP_GEMV_X86 1
+#else
+#define TP_GEMV_X86 0
+#endif
+
+namespace tp {
+
+#if TP_GEMV_X86
+namespace {
+
+#define TP_GEMV_TARGET __attribute__((target("avx2,fma,f16c")))
+#define TP_GEMV_INLINE TP_GEMV_TARGET __attribute__((always_inline)) inline
+
+TP_GEMV_INLINE __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+TP_GEMV_INLINE __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+TP_GEMV_INLINE __m256i high_nibbles(__m256i v) {
+  return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
+}
+
+// 16 packed bytes -> their low nibbles as elements 0..15, high nibbles as 16..31 (the legacy 4-bit layout).
+TP_GEMV_INLINE __m256i nibbles16(const uint8_t* qs) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)), m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+// Bit j of x -> byte j = 0x10 (the legacy 5-bit types' high bit in place).
+TP_GEMV_INLINE __m256i bit4_of(uint32_t x) {
+  // Byte j picks byte j / 8 of x (the shuffle stays inside each 128-bit lane, which holds all 4 bytes).
+  const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int32_t(x)), pick);
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));  // byte j: 1 << (j % 8)
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+// Dec<B>::q(block, g): the quants of group g in element order, biased to unsigned (q + bias_of<B>, the
+// stored code for every type but MXFP4), except Q8_0, whose signed bytes are used as they are (biased they
+// would reach 255 and vpmaddubsw's pair sums 255 * 127 * 2 would saturate).
+template <class B>
+constexpr int bias_of() {
+  return std::is_same_v<B, block_q8_0> ? 0 : Unpack<B>::kQMin < 0 ? -Unpack<B>::kQMin : 0;
+}
+
+template <class B>
+struct Dec;
+
+template <>
+struct Dec<block_q4_0> {
+  static TP_GEMV_INLINE __m256i q(const block_q4_0* b, int) { return nibbles16(b->qs); }
+};
+template <>
+struct Dec<block_q4_1> {
+  static TP_GEMV_INLINE __m256i q(const block_q4_1* b, int) { return nibbles16(b->qs); }
+};
+template <>
+struct Dec<block_q5_0> {
+  static TP_GEMV_INLINE __m256i q(const block_q5_0* b, int) {
+    return _mm256_or_si256(nibbles16(b->qs), bit4_of(load_u32_le(b->qh)));
+  }
+};
+template <>
+struct Dec<block_q5_1> {
+  static TP_GEMV_INLINE __m256i q(const block_q5_1* b, int) {
+    return _mm256_or_si256(nibbles16(b->qs), bit4_of(load_u32_le(b->qh)));
+  }
+};
+template <>
+struct Dec<block_q8_0> {
+  static TP_GEMV_INLINE __m256i q(const block_q8_0* b, int) { return load32(b->qs); }
+};
+template <>
+struct Dec<block_q4_K> {
+  static TP_GEMV_INLINE __m256i q(const block_q4_K* b, int g) {
+    const __m256i v = load32(b->qs + 32 * (g >> 1));
+    return g & 1 ? high_nibbles(v) : low_nibbles(v);
+  }
+};
+template <>
+struct Dec<block_q5_K> {
+  static TP_GEMV_INLINE __m256i q(const block_q5_K* b, int g) {
+    const __m256i v = load32(b->qs + 32 * (g >> 1));
+    const __m256i bit = _mm256_set1_epi8(char(1 << g));
+    const __m256i hi = _mm256_cmpeq_epi8(_mm256_and_si256(load32(b->qh), bit), bit);
+    return _mm256_or_si256(g & 1 ? high_nibbles(v) : low_nibbles(v), _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
+  }
+};
+template <>
+struct Dec<block_q6_K> {
+  static TP_GEMV_INLINE __m256i q(const block_q6_K* b, int g) {
+    const int h = g >> 2, r = g & 3;
+    const __m256i ql = load32(b->ql + 64 * h + 32 * (r & 1));
+    const __m256i lo = r >> 1 ? high_nibbles(ql) : low_nibbles(ql);
+    // Bits 2r, 2r+1 of each qh byte; bits shifted in from the neighbouring byte are masked off.
+    const __m256i qh = _mm256_srl_epi16(load32(b->qh + 32 * h), _mm_cvtsi32_si128(2 * r));
+    const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(3)), 4);  // <= 0x30: stays in its byte
+    return _mm256_or_si256(lo, hi);
+  }
+};
+template <>
+struct Dec<block_mxfp4> {
+  static TP_GEMV_INLINE __m256i q(const block_mxfp4* b, int) {
+    // mxfp4_value(code) + 12 for codes 0..15, in both 128-bit lanes for the in-lane byte shuffle.
+    const __m256i lut = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,  //
+                                         12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
+    return _mm256_shuffle_epi8(lut, nibbles16(b->qs));
+  }
+};
+
+// The WGroup fields of four rows' group g as lanes: d[0], d[1], m.
+template <class B>
+TP_GEMV_INLINE void scales4(const B* const* b, int g, __m128& d0, __m128& d1, __m128& m) {
+  constexpr bool kLegacy = std::is_same_v<B, block_q4_0> || std::is_same_v<B, block_q4_1> ||
+                           std::is_same_v<B, block_q5_0> || std::is_same_v<B, block_q5_1> ||
+                           std::is_same_v<B, block_q8_0>;
+  if constexpr (kLegacy) {
+    // One f16 scale per block (and an f16 offset): F16C converts exactly as unpack_f16 does. (A signaling
+    // NaN comes out quiet here, but every use of it is arithmetic, which quiets it on either path.)
+    d0 = d1 = _mm_cvtph_ps(_mm_setr_epi16(short(b[0]->d), short(b[1]->d), short(b[2]->d), short(b[3]->d), 0, 0, 0, 0));
+    if constexpr (Unpack<B>::kOffset)
+      m = _mm_cvtph_ps(_mm_setr_epi16(short(b[0]->m), short(b[1]->m), short(b[2]->m), short(b[3]->m), 0, 0, 0, 0));
+    else
+      m = _mm_set1_ps(-0.0f);
+  } else {
+    alignas(16) float s0[4], s1[4], sm[4];
+    for (int r = 0; r < 4; ++r) {
+      const WGroup wg = group_scale(b[r], g);
+      s0[r] = wg.d[0];
+      s1[r] = wg.d[1];
+      sm[r] = wg.m;
+    }
+    d0 = _mm_load_ps(s0);
+    d1 = _mm_load_ps(s1);
+    m = _mm_load_ps(sm);
+  }
+}
+
+// Rows r0 .. r0 + nr - 1 (nr <= 4) times NT tokens: out[t * ldo + r - r0].
+template <class B, int NT>
+TP_GEMV_TARGET void rows4(const Tensor& w, int64_t r0, int nr, int64_t G, const int8_t* xq, int64_t ldx,
+                          const AMeta* am, float* out, int64_t ldo) {
+  constexpr int kG = Unpack<B>::kGroups, kBias = bias_of<B>();
+  constexpr bool kSplit = Unpack<B>::kSplit, kOffset = Unpack<B>::kOffset;
+  constexpr bool kSigned = std::is_same_v<B, block_q8_0>;
+  const B* row[4];
+  for (int r = 0; r < 4; ++r) row[r] = reinterpret_cast<const B*>(w.row(r0 + (r < nr ? r : 0)));  // pad: row 0
+  const __m256i ones = _mm256_set1_epi16(1), c128 = _mm256_set1_epi16(128);
+  __m128 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t blk = g / kG;
+    const int sub = int(g % kG);
+    const B* b[4] = {row[0] + blk, row[1] + blk, row[2] + blk, row[3] + blk};
+    __m256i q[4];
+    for (int r = 0; r < 4; ++r) q[r] = Dec<B>::q(b[r], sub);
+    __m128 vd0, vd1, vm;
+    scales4<B>(b, sub, vd0, vd1, vm);
+    __m256i qa[4];  // the unsigned operand of vpmaddubsw
+    if constexpr (kSigned)
+      for (int r = 0; r < 4; ++r) qa[r] = _mm256_abs_epi8(q[r]);  // -128 -> 0x80, read as the unsigned 128
+    else
+      for (int r = 0; r < 4; ++r) qa[r] = q[r];
+    for (int t = 0; t < NT; ++t) {
+      const int8_t* a = xq + t * ldx + kActBytes * g;
+      const __m256i a1 = load32(a), a2 = load32(a + 32);
+      __m256i v[4];
+      for (int r = 0; r < 4; ++r) {
+        // |pair sums| <= 2 * 128 * 127 < 2^15 (Q8_0; the biased types <= 2 * 63 * 127): never saturates.
+        const __m256i s1 = kSigned ? _mm256_sign_epi8(a1, q[r]) : a1, s2 = kSigned ? _mm256_sign_epi8(a2, q[r]) : a2;
+        v[r] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(qa[r], s1), c128),
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(qa[r], s2), ones));  // lane i: elements 4i..4i+3
+      }
+      // [row 0..3: elements 0..15 | row 0..3: elements 16..31]
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+      __m128i lo = _mm256_castsi256_si128(h), hi = _mm256_extracti128_si256(h, 1);
+      const AMeta& ma = am[t * G + g];
+      const __m128 da = _mm_set1_ps(ma.d);
+      if (kSplit) {
+        if (kBias) {  // remove the bias: Σ (q + bias) a - bias Σ a
+          lo = _mm_sub_epi32(lo, _mm_set1_epi32(kBias * ma.lo));
+          hi = _mm_sub_epi32(hi, _mm_set1_epi32(kBias * ma.hi));
+        }
+        acc[t] = _mm_fmadd_ps(_mm_mul_ps(vd0, da), _mm_cvtepi32_ps(lo), acc[t]);
+        acc[t] = _mm_fmadd_ps(_mm_mul_ps(vd1, da), _mm_cvtepi32_ps(hi), acc[t]);
+      } else {
+        __m128i s = _mm_add_epi32(lo, hi);
+        if (kBias) s = _mm_sub_epi32(s, _mm_set1_epi32(kBias * (ma.lo + ma.hi)));
+        acc[t] = _mm_fmadd_ps(_mm_mul_ps(vd0, da), _mm_cvtepi32_ps(s), acc[t]);
+      }
+      if (kOffset) acc[t] = _mm_fmadd_ps(vm, _mm_set1_ps(ma.s), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    alignas(16) float res[4];
+    _mm_store_ps(res, acc[t]);
+    for (int r = 0; r < nr; ++r) out[t * ldo + r] = res[r];
+  }
+}
+
+template <class B>
+void gemv(ThreadPool& pool, float* out, const Tensor& w, const int8_t* xq, int64_t ldx, const AMeta* am,
+          int64_t n_tok) {
+  using Fn = void (*)(const Tensor&, int64_t, int, int64_t, const int8_t*, int64_t, const AMeta*, float*, int64_t);
+  static constexpr Fn kFn[kGemvMaxTokens] = {rows4<B, 1>, rows4<B, 2>, rows4<B, 3>, rows4<B, 4>};
+  const int64_t N = w.rows, G = w.cols / 32;
+  const Fn fn = kFn[n_tok - 1];
+  // Work items of 16 rows: enough items for the pool on the narrowest projections (K/V: 128+ rows).
+  constexpr int64_t kRowsPerItem = 16;
+  pool.parallel_for((N + kRowsPerItem - 1) / kRowsPerItem, 1, [&](int64_t b, int64_t e, int) {
+    const int64_t end = e * kRowsPerItem < N ? e * kRowsPerItem : N;
+    for (int64_t r0 = b * kRowsPerItem; r0 < end; r0 += 4)
+      fn(w, r0, int(end - r0 < 4 ? end - r0 : 4), G, xq, ldx, am, out + r0, N);
+  });
+}
+
+}  // namespace
+#endif
+
+bool cpu_gemv_int8(ThreadPool& pool, float* out, const Tensor& w, const int8_t* xq, int64_t ldx, const AMeta* am,
+                   int64_t n_tok, int isa) {
+#if TP_GEMV_X86
+  if (isa < kIsaAvx2 || n_tok < 1 || n_tok > kGemvMaxTokens) return false;
+  return visit_unpack_type(w.type, false, [&](auto tag) {
+    gemv<typename decltype(tag)::type>(pool, out, w, xq, ldx, am, n_tok);
+    return true;
+  });
+#else
+  (void)pool, (void)out, (void)w, (void)xq, (void)ldx, (void)am, (void)n_tok, (void)isa;
+  return false;
+#endif
+}
+
+}  // namespace tp
