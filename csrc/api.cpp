@@ -252,6 +252,13 @@ void tp_engine_cancel(tp_engine* engine) {
   if (engine) engine->impl->cancel();
 }
 
+tp_status tp_engine_cancel_seq(tp_engine* engine, int32_t seq) {
+  TP_GUARD_BEGIN
+  if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_cancel_seq: engine is NULL");
+  engine->impl->cancel_seq(seq);
+  TP_GUARD_END
+}
+
 namespace {
 void copy_trace(const std::vector<tp::TraceEvent>& tr, tp_trace_event* events, int64_t cap, int64_t* n_events) {
   *n_events = int64_t(tr.size());

@@ -75,6 +75,11 @@ class Engine {
   void reset();
   // Stops every running call (each returns TP_ERR_CANCELLED; its slots stay as they were).
   void cancel() { pipeline_->cancel(); }
+  // Stops the running prefills of slot `seq` only (as cancel() does); decode batches are not stopped.
+  void cancel_seq(int seq) {
+    check_seq(seq);
+    pipeline_->cancel_seq(seq);
+  }
   // Testing aid: compute fails when it reaches `layer` (-1: never).
   void inject_fault(int64_t layer) {
     for (auto& st : stages_) st->fail_at_layer.store(layer);

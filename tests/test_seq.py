@@ -288,6 +288,58 @@ def test_cancel_during_interleaved_work_leaves_slots(synthetic_model):
     np.testing.assert_array_equal(got, ref.prefill(prompt(6, 200, 9), all_logits=True).logits)
 
 
+def test_cancel_one_sequence_leaves_the_others_running(synthetic_model):
+    """cancel(seq=1) stops the prompt on slot 1 only: it raises CancelledError and keeps its slot as it was,
+    while slot 0's prompt and a decode loop on slot 2 run on to the results they get alone."""
+    path = synthetic_model("llama256", n_ctx=8192)
+    kw = {"devices": "cpu:0,cpu:1", "threads": 1, "ubatch": 4, "n_ctx": 8192}
+    eng = Engine(path, n_seq=3, **kw)
+    eng.prefill(prompt(5, 200, 1), seq=1)
+    eng.prefill(prompt(30, 200, 2), seq=2)
+    before = (eng.seq_info(1), eng.kv_digest(1))
+    outcome: dict = {}
+    long_b = prompt(5000, 200, 6)
+    a_tokens = prompt(700, 200, 5)
+
+    def run_b():
+        try:
+            eng.prefill(long_b, seq=1)
+            outcome["b"] = "finished"
+        except CancelledError:
+            outcome["b"] = "cancelled"
+
+    b_started = threading.Event()
+    stop = threading.Event()
+
+    def canceller():
+        b_started.wait()
+        while not stop.wait(0.05):  # repeated until b has ended: a cancel before its call starts is not kept
+            eng.cancel(seq=1)
+
+    def start_b():
+        b_started.set()
+        run_b()
+
+    c = threading.Thread(target=canceller)
+    c.start()
+    try:
+        res = in_threads(lambda: eng.prefill(a_tokens, seq=0).logits, start_b,
+                         lambda: [eng.decode([2], [7])[0] for _ in range(20)])
+    finally:
+        stop.set()
+        c.join()
+    assert outcome["b"] == "cancelled"
+    assert (eng.seq_info(1), eng.kv_digest(1)) == before
+    ref = Engine(path, **kw)
+    np.testing.assert_array_equal(res[0], ref.prefill(a_tokens).logits)
+    ref.reset()
+    ref.prefill(prompt(30, 200, 2))
+    for i, row in enumerate(res[2]):
+        np.testing.assert_array_equal(row, ref.prefill([7]).logits, err_msg=f"decode step {i}")
+    with pytest.raises(ValueError, match="sequence"):
+        eng.cancel(seq=3)
+
+
 def test_stage_fault_fails_only_the_affected_call(synthetic_model):
     path = synthetic_model("qwen3")
     eng = engine(path, n_seq=2)

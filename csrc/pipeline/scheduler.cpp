@@ -90,10 +90,18 @@ Pipeline::~Pipeline() {
   }
 }
 
-void Pipeline::cancel() {
+void Pipeline::cancel() { cancel_where([](const Job&) { return true; }); }
+
+void Pipeline::cancel_seq(int32_t seq) {
+  cancel_where([seq](const Job& job) { return !job.is_decode() && job.seq == seq; });
+}
+
+template <class Pred>
+void Pipeline::cancel_where(Pred pred) {
   {
     std::lock_guard<std::mutex> lk(qmu_);
     for (Job* job : active_) {
+      if (!pred(*job)) continue;
       std::lock_guard<std::mutex> jl(job->mu);
       if (job->status == TP_OK) {
         job->status = TP_ERR_CANCELLED;

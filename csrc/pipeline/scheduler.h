@@ -15,7 +15,7 @@
 // Failure and cancellation are per job: a stage that fails a ubatch records the error in its job and
 // stops it; the job's remaining ubatches pass through the stages as "skip" slots (no data, no compute),
 // so every stage keeps its place in the stream and other jobs are untouched. cancel() stops every job
-// submitted so far.
+// submitted so far, cancel_seq() one sequence's prefills.
 #pragma once
 
 #include <atomic>
@@ -110,6 +110,9 @@ class Pipeline {
   std::vector<TraceEvent> run(Job& job);
   // Thread-safe; stops every job submitted so far within one layer's compute.
   void cancel();
+  // Thread-safe; stops the prefill jobs of sequence slot `seq` submitted so far, as cancel() does, and no
+  // other job (a decode batch is one step and finishes).
+  void cancel_seq(int32_t seq);
 
   static constexpr int kDefaultRingSlots = 2;
 
@@ -121,6 +124,9 @@ class Pipeline {
   bool process(int s, Job& job, int64_t m, bool skip);
   void compute(int s, Job& job, int64_t m);
   void read_timers(int s, Job& job);
+  // Stops the submitted jobs for which pred(job) holds.
+  template <class Pred>
+  void cancel_where(Pred pred);
   // Under qmu_: closes and drops queued jobs that were stopped.
   void drop_stopped_locked();
   static void close_locked(Job& job);  // under job.mu

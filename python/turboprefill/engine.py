@@ -653,11 +653,16 @@ class Engine:
         with self._AllSequences(self):
             check(lib.tp_engine_reset(self._handle()))
 
-    def cancel(self) -> None:
+    def cancel(self, seq: int | None = None) -> None:
         """Ask every running prefill and decode (in other threads) to stop; each raises CancelledError and
-        leaves its sequences as they were."""
-        if self._h is not None:
+        leaves its sequences as they were. With seq=, only the prefills running on that sequence stop (other
+        sequences' calls and decode steps go on). A cancel that lands before the call starts is not kept."""
+        if self._h is None:
+            return
+        if seq is None:
             lib.tp_engine_cancel(self._h)
+        else:
+            check(lib.tp_engine_cancel_seq(self._h, int(seq)))
 
     def chat(self, messages: Sequence[dict], params=None, **sampling) -> str:
         """The assistant's reply to chat messages (the GGUF's chat template; images as in prefill()), sampled

@@ -6,8 +6,8 @@ the engine interleaves concurrent prefills' ubatches in its pipeline); a finishe
 token and joins the running set; then every step of the same thread batches one token per running request into
 one Engine.decode call, samples each request and hands the Step to its consumer. A request ends on a stop, on
 max_tokens or a full context, on an engine error, or on cancel() (a client that went away): its slot is freed
-before the next step. With one slot a prefill in flight is stopped with Engine.cancel(); with several, the
-engine cancels all its calls or none, so a cancel during a prefill takes effect when that prefill returns.
+before the next step. A prefill in flight is stopped with Engine.cancel(seq=its slot) within about one ubatch;
+other slots' prefills and the decode steps go on.
 
 Events go to the consumer through its `emit` callable (the server passes one that hops onto the asyncio loop):
 a sampling.Step per token, or a RequestFailed at most once, after which nothing follows.
@@ -100,11 +100,25 @@ class Scheduler:
                 self._queue.remove(req)
                 self._count("cancelled")
                 self._gauges()
-            elif self.n_slots == 1 and self._prefilling.get(req.slot) is req:
-                # one slot: the engine's cancel stops exactly this prefill (a cancel that lands before or after
-                # the native call is forgotten, so it cannot hit the next request)
-                self.eng.cancel()
+            elif self._prefilling.get(req.slot) is req:
+                self._cancel_prefill(req)
             self._cv.notify_all()
+
+    def _cancel_prefill(self, req: Request) -> None:
+        """Stop req's prefill (under the lock). The engine forgets a cancel that lands before its call starts,
+        so it is repeated every 50 ms while the prefill runs. Holding the lock makes each repeat safe: the
+        slot cannot be released and given to the next request's prefill in between."""
+        if self._prefilling.get(req.slot) is not req:
+            return
+        self.eng.cancel(seq=req.slot)
+
+        def again() -> None:
+            with self._cv:
+                self._cancel_prefill(req)
+
+        t = threading.Timer(0.05, again)
+        t.daemon = True
+        t.start()
 
     def close(self) -> None:
         with self._cv:
