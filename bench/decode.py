@@ -6,7 +6,7 @@ during the run slows both. Each step continues a 100-token prompt; every `--step
 reset so both attend over the same lengths. Reported: the median step time per engine and their ratio.
 turboprefill also runs batches of several sequences (one token each) in one `decode` call.
 
-    python bench/decode.py smollm2 gemma3 --threads 1,2 --json bench/results/decode/results.jsonl
+    python bench/decode.py smollm2 gemma3-270m --threads 1,2 --json bench/results/decode/results.jsonl
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> None:
             print(f"| {Path(path).name} | {th} | {med[1]:.2f} | {lcm:.2f} | {med[1] / lcm:.2f} | "
                   + " | ".join(f"{med[b]:.2f}" for b in batches if b > 1) + " |", flush=True)
             if a.json:
+                Path(a.json).parent.mkdir(parents=True, exist_ok=True)
                 with open(a.json, "a") as f:
                     f.write(json.dumps({"model": Path(path).name, "threads": th, "tp_ms": med,
                                         "llama_cpp_ms": lcm, "time": time.time()}) + "\n")

@@ -100,19 +100,19 @@ def test_int8_matmul_isas_bit_identical(t, rows, n_tok):
 
 @pytest.mark.parametrize("t", INT8_TYPES, ids=lambda t: t.name)
 def test_small_n_path_equals_tile_path(t):
-    """Up to 4 tokens take gemv.cpp's row path (AVX2), more the tile path: every token row is the same bits
+    """Up to 12 tokens take gemv.cpp's row path (AVX2), more the tile path: every token row is the same bits
     either way, so a decode step's logits equal the prefill's (raw random blocks: any code and scale)."""
     rng = np.random.default_rng(77 + int(t))
     block = type_traits(t)[0]
     k = 768 if block == 256 else 224
     for rows in (5, 18, 64):
         raw = random_blocks(t, rows * k // block, rng)
-        x = rng.standard_normal((9, k)).astype(np.float32) * np.float32(2.0)
-        ref = cpu_matmul(raw, t, rows, k, x, threads=2, isa="avx2")  # 9 tokens: the tile path
-        for n in (1, 2, 3, 4):
+        x = rng.standard_normal((20, k)).astype(np.float32) * np.float32(2.0)
+        ref = cpu_matmul(raw, t, rows, k, x, threads=2, isa="avx2")  # 20 tokens: the tile path
+        for n in (1, 2, 3, 4, 7, 12):
             for th in (1, 2):
-                got = cpu_matmul(raw, t, rows, k, x[9 - n:], threads=th, isa="avx2")
-                assert np.array_equal(bits(got), bits(ref[9 - n:])), (rows, n, th)
+                got = cpu_matmul(raw, t, rows, k, x[20 - n:], threads=th, isa="avx2")
+                assert np.array_equal(bits(got), bits(ref[20 - n:])), (rows, n, th)
 
 
 def quantize_two_stage_np(x: np.ndarray) -> np.ndarray:

@@ -6,9 +6,9 @@
 // twice the multiply (perf on a SmolLM2 decode step: 66% in decode_tile). Here four rows at a time are
 // unpacked group by group into AVX2 registers (one 32-byte vector per row and group, by the per-type
 // decoders below), their scales converted once per block for the four rows (F16C), and the groups dotted
-// right away with the quants of up to kGemvMaxTokens tokens. The four row streams are software-prefetched
-// one 4-row step ahead. Measured (bench/decode.py): SmolLM2 and Gemma 3 one-token steps 2.9x and 4.1x
-// faster than through the tile path on one thread.
+// right away with the quants of up to 4 tokens (more in blocks of 4, up to kGemvMaxTokens). The four row
+// streams are software-prefetched one 4-row step ahead. A one-token step of SmolLM2 / Gemma 3 270M on one
+// thread went from 37.7 / 117 ms through the tile path to about 12 / 28 ms (bench/README.md, "Decode").
 //
 // Exactness. The integer sums are exact, so only the f32 steps matter, and they are the tile kernels' own.
 // Per (row, token), over the groups in order:
@@ -278,15 +278,22 @@ template <class B>
 void gemv(ThreadPool& pool, float* out, const Tensor& w, const int8_t* xq, int64_t ldx, const AMeta* am,
           int64_t n_tok) {
   using Fn = void (*)(const Tensor&, int64_t, int, int64_t, const int8_t*, int64_t, const AMeta*, float*, int64_t);
-  static constexpr Fn kFn[kGemvMaxTokens] = {rows4<B, 1>, rows4<B, 2>, rows4<B, 3>, rows4<B, 4>};
+  static constexpr Fn kFn[4] = {rows4<B, 1>, rows4<B, 2>, rows4<B, 3>, rows4<B, 4>};
   const int64_t N = w.rows, G = w.cols / 32;
-  const Fn fn = kFn[n_tok - 1];
-  // Work items of 16 rows: enough items for the pool on the narrowest projections (K/V: 128+ rows).
-  constexpr int64_t kRowsPerItem = 16;
-  pool.parallel_for((N + kRowsPerItem - 1) / kRowsPerItem, 1, [&](int64_t b, int64_t e, int) {
-    const int64_t end = e * kRowsPerItem < N ? e * kRowsPerItem : N;
-    for (int64_t r0 = b * kRowsPerItem; r0 < end; r0 += 4)
-      fn(w, r0, int(end - r0 < 4 ? end - r0 : 4), G, xq, ldx, am, out + r0, N);
+  // About 8 work items per thread (at least 16 rows each): a 16-row item is only ~1 us of work on a small
+  // projection, and claiming that many items from the shared counter cost a few percent of the step (perf).
+  const int64_t per = (N + 8 * pool.size() - 1) / (8 * pool.size());
+  const int64_t rows_per_item = per < 16 ? 16 : (per + 3) / 4 * 4;
+  pool.parallel_for((N + rows_per_item - 1) / rows_per_item, 1, [&](int64_t b, int64_t e, int) {
+    const int64_t end = e * rows_per_item < N ? e * rows_per_item : N;
+    for (int64_t r0 = b * rows_per_item; r0 < end; r0 += 4) {
+      const int nr = int(end - r0 < 4 ? end - r0 : 4);
+      // Blocks of 4 tokens (more would spill registers); the four rows stay in L1 between them.
+      for (int64_t t = 0; t < n_tok; t += 4) {
+        const int64_t nt = n_tok - t < 4 ? n_tok - t : 4;
+        kFn[nt - 1](w, r0, nr, G, xq + t * ldx, ldx, am + t * G, out + t * N + r0, N);
+      }
+    }
   });
 }
 
