@@ -37,5 +37,9 @@ struct AMeta {
 constexpr int64_t kGemvMaxTokens = 12;
 bool cpu_gemv_int8(ThreadPool& pool, float* out, const Tensor& w, const int8_t* xq, int64_t ldx, const AMeta* am,
                    int64_t n_tok, int isa);
+// The same for rows [r0, r1) only, on the calling thread: out[t * ldo + r - r0] (the grouped expert product's
+// (expert, row tile) items with few tokens).
+bool cpu_gemv_int8_rows(const Tensor& w, int64_t r0, int64_t r1, const int8_t* xq, int64_t ldx, const AMeta* am,
+                        int64_t n_tok, float* out, int64_t ldo, int isa);
 
 }  // namespace tp

@@ -637,8 +637,13 @@ void matmul_int8_grouped(ThreadPool& pool, float* y, const Tensor& w, const floa
     for (int64_t it = b; it < e; ++it) {
       const int64_t ex = items[size_t(it)] / tiles, r0 = items[size_t(it)] % tiles * kTileRows;
       const int nr = int(R - r0 < kTileRows ? R - r0 : kTileRows);
-      decode_tile<B>(w.mat(ex), r0, nr, G, tile);
       const int64_t s0 = start[ex];
+      // An expert with few tokens (every expert in a decode step): rows straight from their blocks.
+      if (start[ex + 1] - s0 <= kGemvMaxTokens &&
+          cpu_gemv_int8_rows(w.mat(ex), r0, r0 + nr, gathered.q.data() + s0 * ldx, ldx, gathered.meta.data() + s0 * G,
+                             start[ex + 1] - s0, y + s0 * R + r0, R, isa))
+        continue;
+      decode_tile<B>(w.mat(ex), r0, nr, G, tile);
       tile_times_rows<B>(ks, tile, G, gathered.q.data() + s0 * ldx, ldx, gathered.meta.data() + s0 * G,
                          start[ex + 1] - s0, y + s0 * R + r0, R, nr);
     }
