@@ -81,11 +81,14 @@ async def drive(url: str, model: str, plan: list[tuple[float, str]], clients: in
             "itl_p99": pct(itl, 99), "tokens": tokens, "tok_per_s": tokens / wall, "req_per_s": len(ok) / wall}
 
 
-def launch(kind: str, model: str, port: int, threads: int, n_ctx: int, parallel: int) -> subprocess.Popen:
+def launch(kind: str, model: str, port: int, threads: int, n_ctx: int, parallel: int,
+           devices: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'python'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if kind == "turboprefill":
         cmd = [sys.executable, "-m", "turboprefill.cli", "serve", model, "--threads", str(threads), "--port",
                str(port), "--n-ctx", str(n_ctx), "--parallel", str(parallel), "--log-level", "warning"]
+        if devices:
+            cmd += ["--devices", devices]
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(threads),
                "--n_threads_batch", str(threads), "--port", str(port), "--n_ctx", str(n_ctx), "--verbose", "False",
@@ -133,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--parallel", type=int, default=1, help="turboprefill serve --parallel")
+    p.add_argument("--devices", help="turboprefill serve --devices, e.g. cpu:0,cpu:1 (2 CPU stages; --threads is "
+                   "then per stage)")
     p.add_argument("--port", type=int, default=18123)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="append one JSON line per server here")
@@ -146,7 +151,8 @@ def main(argv=None) -> int:
     targets = [("given", None)] if a.url else [(k, k) for k in a.servers.split(",")]
     for name, kind in targets:
         url = a.url or f"http://127.0.0.1:{a.port}"
-        proc = None if kind is None else launch(kind, model, a.port, a.threads, a.n_ctx, a.parallel)
+        proc = None if kind is None else launch(kind, model, a.port, a.threads, a.n_ctx, a.parallel,
+                                                a.devices if kind == "turboprefill" else None)
         try:
             model_id = wait_ready(proc, url) if proc else ""
             asyncio.run(drive(url, model_id, plan[:2], 1, 4))  # warm-up: first-call costs off the clock

@@ -252,6 +252,14 @@ void tp_engine_cancel(tp_engine* engine) {
   if (engine) engine->impl->cancel();
 }
 
+tp_status tp_engine_in_flight(const tp_engine* engine, int32_t* counts, int32_t cap, int32_t* n_stages) {
+  TP_GUARD_BEGIN
+  if (!engine || !n_stages || (cap > 0 && !counts))
+    tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_in_flight: NULL argument");
+  *n_stages = engine->impl->in_flight(counts, cap);
+  TP_GUARD_END
+}
+
 tp_status tp_engine_cancel_seq(tp_engine* engine, int32_t seq) {
   TP_GUARD_BEGIN
   if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_cancel_seq: engine is NULL");

@@ -75,6 +75,12 @@ class Engine {
   void reset();
   // Stops every running call (each returns TP_ERR_CANCELLED; its slots stay as they were).
   void cancel() { pipeline_->cancel(); }
+  // Ubatches at each stage now (Pipeline::in_flight): counts[s] for s < min(cap, n_stages); returns n_stages.
+  int in_flight(int32_t* counts, int cap) const {
+    const int n = int(stages_.size());
+    for (int s = 0; s < n && s < cap; ++s) counts[s] = pipeline_->in_flight(s);
+    return n;
+  }
   // Stops the running prefills of slot `seq` only (as cancel() does); decode batches are not stopped.
   void cancel_seq(int seq) {
     check_seq(seq);

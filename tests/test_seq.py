@@ -340,6 +340,32 @@ def test_cancel_one_sequence_leaves_the_others_running(synthetic_model):
         eng.cancel(seq=3)
 
 
+def test_in_flight_counts_ubatches_per_stage(synthetic_model):
+    """in_flight() reads each stage's ubatches during a long prompt on 2 stages: never more than the ring's two
+    slots plus the one being computed at a receiving stage, some ubatches seen at both stages, all zero after."""
+    path = synthetic_model("llama256", n_ctx=8192)
+    eng = Engine(path, devices="cpu:0,cpu:1", threads=1, ubatch=4, n_ctx=8192)
+    assert eng.in_flight() == [0, 0]
+    seen = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(eng.in_flight())
+            time.sleep(0.001)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        eng.prefill(prompt(3000, 200, 3))
+    finally:
+        done.set()
+        w.join()
+    assert eng.in_flight() == [0, 0]
+    assert all(len(c) == 2 and 0 <= c[0] <= 1 and 0 <= c[1] <= 3 for c in seen), seen[:20]
+    assert any(c[0] > 0 for c in seen) and any(c[1] > 0 for c in seen)
+
+
 def test_stage_fault_fails_only_the_affected_call(synthetic_model):
     path = synthetic_model("qwen3")
     eng = engine(path, n_seq=2)

@@ -91,6 +91,7 @@ def test_models_health_metrics(server):
     for name in ("tp_time_to_first_token_seconds", "tp_inter_token_latency_seconds", "tp_prefill_tokens_per_second",
                  "tp_decode_tokens_per_second", "tp_requests_queued", "tp_requests_running"):
         assert name in m
+    assert 'tp_stage_ubatches_in_flight{stage="0"} 0.0' in m  # idle
 
 
 def test_chat_greedy_equals_engine_chat_streaming_or_not(client, ref_engine):

@@ -164,6 +164,9 @@ TP_API tp_status tp_engine_prefill_mm(tp_engine* engine, const int32_t* tokens, 
 TP_API tp_status tp_engine_reset(tp_engine* engine);
 /* Stop every running call (any thread): each returns TP_ERR_CANCELLED and leaves its sequences as they were. */
 TP_API void tp_engine_cancel(tp_engine* engine);
+/* Ubatches at each pipeline stage right now (waiting in the stage's input ring or being computed there):
+ * counts[s] for s < min(cap, stages); *n_stages = the number of stages. A snapshot, callable from any thread. */
+TP_API tp_status tp_engine_in_flight(const tp_engine* engine, int32_t* counts, int32_t cap, int32_t* n_stages);
 /* Stop the running prefills of slot `seq` only (any thread), as tp_engine_cancel does; other slots' calls and
  * decode batches (one step each) go on. TP_ERR_INVALID_ARGUMENT for a slot out of range. */
 TP_API tp_status tp_engine_cancel_seq(tp_engine* engine, int32_t seq);

@@ -49,7 +49,9 @@ std::pair<tp_status, std::string> stage_error(const Stage& st) {
 Pipeline::Pipeline(std::vector<std::unique_ptr<Stage>>& stages, const ModelConfig& c, const ModelWeights& w,
                    int64_t ubatch, int ring_slots, Schedule schedule)
     : stages_(stages), cfg_(c), w_(w), ubatch_(ubatch),
-      sequential_(schedule == Schedule::Sequential && stages.size() > 1) {
+      sequential_(schedule == Schedule::Sequential && stages.size() > 1),
+      in_stage_(new std::atomic<int>[stages.size()]) {
+  for (size_t s = 0; s < stages.size(); ++s) in_stage_[s].store(0);
   const int R = ring_slots > 0 ? ring_slots : kDefaultRingSlots;
   rings_.resize(stages.size());
   for (size_t s = 1; s < stages.size(); ++s) {
@@ -171,6 +173,7 @@ void Pipeline::first_loop() {
       continue;
     }
     if (sequential_) have_credit = false;
+    in_stage_[0].fetch_add(1, std::memory_order_relaxed);
     if (!process(0, *job, m, false)) return;
   }
 }
@@ -314,9 +317,12 @@ bool Pipeline::process(int s, Job& job, int64_t m, bool skip) {
     slot.ubatch = m;
     slot.n_tok = nt;
     slot.skip = skip;
+    in_stage_[size_t(s) + 1].fetch_add(1, std::memory_order_relaxed);  // before the next stage can take it
     out.publish();
+    in_stage_[size_t(s)].fetch_sub(1, std::memory_order_relaxed);
     return true;
   }
+  in_stage_[size_t(s)].fetch_sub(1, std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> jl(job.mu);  // after this the caller may return: `job` is not touched again
     ++job.retired;

@@ -114,6 +114,10 @@ class Pipeline {
   // other job (a decode batch is one step and finishes).
   void cancel_seq(int32_t seq);
 
+  // Ubatches at stage s now: handed to it (waiting in its input ring, or taken from the queue at stage 0) and
+  // not yet handed on or retired. A snapshot; any thread.
+  int in_flight(int s) const { return in_stage_[size_t(s)].load(std::memory_order_relaxed); }
+
   static constexpr int kDefaultRingSlots = 2;
 
  private:
@@ -144,6 +148,7 @@ class Pipeline {
   std::deque<Job*> decode_q_, prefill_q_;         // jobs with ubatches left to issue
   std::list<Job*> active_;                        // every job in run()
   std::vector<std::thread> threads_;
+  std::unique_ptr<std::atomic<int>[]> in_stage_;  // in_flight()
 };
 
 }  // namespace tp

@@ -653,6 +653,14 @@ class Engine:
         with self._AllSequences(self):
             check(lib.tp_engine_reset(self._handle()))
 
+    def in_flight(self) -> list[int]:
+        """Ubatches at each pipeline stage right now (waiting in its input ring or being computed): one count
+        per stage. A snapshot that any thread may take while calls run."""
+        n = ffi.new("int32_t*")
+        counts = ffi.new("int32_t[]", 64)
+        check(lib.tp_engine_in_flight(self._handle(), counts, 64, n))
+        return [int(counts[i]) for i in range(min(int(n[0]), 64))]
+
     def cancel(self, seq: int | None = None) -> None:
         """Ask every running prefill and decode (in other threads) to stop; each raises CancelledError and
         leaves its sequences as they were. With seq=, only the prefills running on that sequence stop (other

@@ -76,7 +76,7 @@ class Server:
     def __init__(self, engine: Any, model_id: str, parallel: int = 1, max_queue: int = 64):
         self.eng = engine
         self.model_id = model_id
-        self.metrics = Metrics()
+        self.metrics = Metrics(engine)
         self.scheduler = Scheduler(engine, parallel, max_queue, self.metrics)
         self.tok = engine.tokenizer
         self.n_ctx = self.scheduler.n_ctx

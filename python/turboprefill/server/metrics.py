@@ -3,8 +3,8 @@ apps in one process, as in the tests, do not collide in prometheus_client's glob
 
 Latencies are histograms (TTFT from the request's arrival, so queueing counts; inter-token latency between
 consecutive streamed tokens of one request); speeds are gauges of the last prefill and the last decode step;
-queue depth and running requests are gauges the scheduler sets. Ubatches in flight per pipeline stage are not
-exported: the engine does not expose them.
+queue depth and running requests are gauges the scheduler sets; ubatches in flight per pipeline stage are read
+from the engine when /metrics is scraped.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self, engine=None):
         prom = require("prometheus_client", "turboprefill serve")
         self.prom = prom
         self.registry = r = prom.CollectorRegistry()
@@ -34,6 +34,21 @@ class Metrics:
         self.prompt_tokens = prom.Counter("tp_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generated_tokens = prom.Counter("tp_generated_tokens", "Tokens generated", registry=r)
         self.requests = prom.Counter("tp_requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.in_flight = prom.Gauge("tp_stage_ubatches_in_flight",
+                                    "Ubatches at each pipeline stage (in its input ring or being computed)", ["stage"],
+                                    registry=r)
+        self.engine = engine
+
+    def _sample_engine(self) -> None:
+        if self.engine is None:
+            return
+        try:
+            counts = self.engine.in_flight()
+        except Exception:  # noqa: BLE001 — a closed engine (shutdown) leaves the last values
+            return
+        for s, n in enumerate(counts):
+            self.in_flight.labels(str(s)).set(n)
 
     def render(self) -> tuple[bytes, str]:
+        self._sample_engine()
         return self.prom.generate_latest(self.registry), self.prom.CONTENT_TYPE_LATEST
