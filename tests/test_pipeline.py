@@ -123,9 +123,10 @@ def test_stage_error_names_stage_and_layer_and_engine_recovers(synthetic_model):
 
 
 def _slow_engine(synthetic_model, **kw):
-    # ~1 s or more of compute: a long prompt through small ubatches.
+    # ~2.4 s or more of compute (idle 2-core EPYC): a long prompt through small ubatches, so that the cancel at
+    # 0.3 s still finds it running on a loaded machine. Cancelled, it costs only those 0.3 s.
     path = synthetic_model("llama256", n_ctx=8192)
-    return Engine(path, devices="cpu:0,cpu:1", threads=1, ubatch=4, n_ctx=8192, **kw), prompt(4000, 200)
+    return Engine(path, devices="cpu:0,cpu:1", threads=1, ubatch=4, n_ctx=8192, **kw), prompt(8000, 200)
 
 
 def test_cancel_from_another_thread(synthetic_model):
