@@ -221,6 +221,8 @@ def test_bad_inputs_get_openai_errors(small_server):
     _err(httpx.post(chat, json={"messages": msgs, "top_p": "x"}), 400, param="top_p")
     _err(httpx.post(chat, json={"messages": msgs, "max_tokens": 0}), 400, param="max_tokens")
     _err(httpx.post(chat, json={"messages": msgs, "n": 2}), 400, param="n")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    _err(httpx.post(chat, json={"messages": msgs, "tools": [tool]}), 400, param="tools")
     _err(httpx.post(chat, json={"messages": msgs, "stream": "yes"}), 400, param="stream")
     _err(httpx.post(chat, json={"messages": "hi"}), 400, param="messages")
     _err(httpx.post(chat, json={"messages": [{"role": "user", "content": [

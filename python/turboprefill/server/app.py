@@ -7,8 +7,8 @@ path), 413 (prompt longer than the context), 429 (queue full), 500 (engine failu
 request raises is answered; none reaches uvicorn, so the server never dies on a request.
 
 Sampling fields: OpenAI's (temperature, top_p, max_tokens / max_completion_tokens, stop, seed, presence_penalty,
-frequency_penalty, logprobs, top_logprobs; n must be 1) and llama.cpp's server extensions (top_k, min_p,
-repeat_penalty, repeat_last_n, ignore_eos). Unknown fields are ignored, as OpenAI clients send many.
+frequency_penalty, logprobs, top_logprobs; n must be 1; tools are refused) and llama.cpp's server extensions
+(top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos). Unknown fields are ignored, as OpenAI clients send many.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def _sampling(body: dict, chat: bool) -> SamplingParams:
     n = body.get("n", 1)
     if n != 1:
         raise SamplingError("n", f"only n=1 is served (one choice per request), got {n!r}")
+    for key in ("tools", "functions"):  # refused rather than ignored: the answer would not be what was asked
+        if body.get(key):
+            raise SamplingError(key, "tool and function calling is not supported by this server")
     try:
         return SamplingParams(**kw)
     except SamplingError:
