@@ -82,13 +82,15 @@ async def drive(url: str, model: str, plan: list[tuple[float, str]], clients: in
 
 
 def launch(kind: str, model: str, port: int, threads: int, n_ctx: int, parallel: int,
-           devices: str | None = None) -> subprocess.Popen:
+           devices: str | None = None, stream_ubatch: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'python'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if kind == "turboprefill":
         cmd = [sys.executable, "-m", "turboprefill.cli", "serve", model, "--threads", str(threads), "--port",
                str(port), "--n-ctx", str(n_ctx), "--parallel", str(parallel), "--log-level", "warning"]
         if devices:
             cmd += ["--devices", devices]
+        if stream_ubatch is not None:
+            cmd += ["--stream-ubatch", str(stream_ubatch)]
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(threads),
                "--n_threads_batch", str(threads), "--port", str(port), "--n_ctx", str(n_ctx), "--verbose", "False",
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="turboprefill serve --parallel")
     p.add_argument("--devices", help="turboprefill serve --devices, e.g. cpu:0,cpu:1 (2 CPU stages; --threads is "
                    "then per stage)")
+    p.add_argument("--stream-ubatch", help="turboprefill serve --stream-ubatch; a comma list (e.g. 0,64,128) runs "
+                   "turboprefill once per value, one after the other")
     p.add_argument("--port", type=int, default=18123)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="append one JSON line per server here")
@@ -148,11 +152,14 @@ def main(argv=None) -> int:
     plan = requests(max(1, int(a.rate * a.duration)), a.rate, (lo, hi), a.seed)
     model = str(resolve_model(a.model))
     rows = []
-    targets = [("given", None)] if a.url else [(k, k) for k in a.servers.split(",")]
-    for name, kind in targets:
+    caps = [int(x) for x in a.stream_ubatch.split(",")] if a.stream_ubatch else [None]
+    targets = [("given", None, None)] if a.url else [
+        (k if cap is None or k != "turboprefill" else f"turboprefill --stream-ubatch {cap}", k, cap)
+        for k in a.servers.split(",") for cap in (caps if k == "turboprefill" else [None])]
+    for name, kind, cap in targets:
         url = a.url or f"http://127.0.0.1:{a.port}"
         proc = None if kind is None else launch(kind, model, a.port, a.threads, a.n_ctx, a.parallel,
-                                                a.devices if kind == "turboprefill" else None)
+                                                a.devices if kind == "turboprefill" else None, cap)
         try:
             model_id = wait_ready(proc, url) if proc else ""
             asyncio.run(drive(url, model_id, plan[:2], 1, 4))  # warm-up: first-call costs off the clock

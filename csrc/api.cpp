@@ -267,6 +267,13 @@ tp_status tp_engine_cancel_seq(tp_engine* engine, int32_t seq) {
   TP_GUARD_END
 }
 
+tp_status tp_engine_set_ubatch_limit(tp_engine* engine, int64_t limit) {
+  TP_GUARD_BEGIN
+  if (!engine) tp::fail(TP_ERR_INVALID_ARGUMENT, "tp_engine_set_ubatch_limit: engine is NULL");
+  engine->impl->set_ubatch_limit(limit);
+  TP_GUARD_END
+}
+
 namespace {
 void copy_trace(const std::vector<tp::TraceEvent>& tr, tp_trace_event* events, int64_t cap, int64_t* n_events) {
   *n_events = int64_t(tr.size());

@@ -86,6 +86,11 @@ class Engine {
     check_seq(seq);
     pipeline_->cancel_seq(seq);
   }
+  // Caps the prefill ubatches issued from now on (Pipeline::set_ubatch_limit); 0: the planned ones.
+  void set_ubatch_limit(int64_t limit) {
+    if (limit < 0) fail(TP_ERR_INVALID_ARGUMENT, "ubatch limit must be >= 0 (0: none), got %lld", (long long)limit);
+    pipeline_->set_ubatch_limit(limit);
+  }
   // Testing aid: compute fails when it reaches `layer` (-1: never).
   void inject_fault(int64_t layer) {
     for (auto& st : stages_) st->fail_at_layer.store(layer);

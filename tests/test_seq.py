@@ -182,6 +182,51 @@ def test_decode_not_stalled_by_long_prefill(synthetic_model):
     assert eng.seq_info(0)[0] == 2000 and eng.seq_info(1)[0] == 11
 
 
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("schedule", ["pipelined", "sequential"])
+def test_ubatch_limit_cuts_ubatches_and_keeps_results(synthetic_model, name, schedule):
+    """set_ubatch_limit(3) cuts every planned ubatch of 7 into pieces of at most 3 (7 -> 3, 3, 1): the trace shows
+    them, and the logits (every token) and KV cache are bit-identical to the planned ubatches' on the CPU."""
+    path = synthetic_model(name)
+    chunks = [prompt(30, vocab(name), 11), prompt(9, vocab(name), 12)]
+    ref, ref_kv = alone(path, chunks, schedule=schedule)
+    eng = engine(path, schedule=schedule)
+    eng.set_ubatch_limit(3)
+    res = [eng.prefill(c, all_logits=True) for c in chunks]
+    for r, want, c in zip(res, ref, chunks):
+        np.testing.assert_array_equal(r.logits, want)
+        sizes = [e.n_tokens for e in sorted(r.trace.events, key=lambda e: e.ubatch) if e.stage == 0]
+        full, tail = divmod(len(c), 7)
+        assert sizes == [3, 3, 1] * full + [3] * (tail // 3) + ([tail % 3] if tail % 3 else []), sizes
+    assert eng.kv_digest() == ref_kv
+    eng.set_ubatch_limit(None)
+    assert [e.n_tokens for e in eng.prefill(prompt(14, vocab(name), 13)).trace.events if e.stage == 0] == [7, 7]
+
+
+def test_ubatch_limit_applies_to_a_running_prefill(synthetic_model):
+    """A limit set while a long prompt runs cuts the rest of that prompt's ubatches (the server lowers it when a
+    request starts streaming), and the prompt's logits stay those of an uncut run."""
+    path = synthetic_model("llama256", n_ctx=4096)
+    toks = prompt(4000, 200, 5)
+    eng = Engine(path, devices="cpu:0,cpu:1", threads=1, ubatch=64, n_ctx=4096, n_seq=2)
+    want = eng.prefill(toks, seq=1).logits
+    eng.free_seq(1)
+
+    def lower():  # as soon as the prompt's first ubatch is in the pipeline (about 60 more to come)
+        while not any(eng.in_flight()):
+            time.sleep(0.0005)
+        eng.set_ubatch_limit(16)
+
+    res, _ = in_threads(lambda: eng.prefill(toks, seq=0), lower)
+    sizes = [e.n_tokens for e in sorted(res.trace.events, key=lambda e: e.ubatch) if e.stage == 0]
+    assert sum(sizes) == 4000 and sizes[0] == 64 and 16 in sizes, sizes
+    k = sizes.index(16)
+    assert all(n == 64 for n in sizes[:k]) and all(n == 16 for n in sizes[k:]), sizes
+    np.testing.assert_array_equal(res.logits, want)
+    with pytest.raises(ValueError, match="ubatch limit"):
+        eng.set_ubatch_limit(-1)
+
+
 def _status(call) -> tuple[int, str]:
     st = call()
     return st, ffi.string(lib.tp_last_error()).decode()

@@ -170,6 +170,13 @@ TP_API tp_status tp_engine_in_flight(const tp_engine* engine, int32_t* counts, i
 /* Stop the running prefills of slot `seq` only (any thread), as tp_engine_cancel does; other slots' calls and
  * decode batches (one step each) go on. TP_ERR_INVALID_ARGUMENT for a slot out of range. */
 TP_API tp_status tp_engine_cancel_seq(tp_engine* engine, int32_t seq);
+/* From now on no prefill ubatch entering stage 0 carries more than `limit` tokens (any thread; 0: the planned
+ * ubatches, as created), including the remaining ubatches of prefills already running: a planned ubatch is cut
+ * into pieces of at most `limit`. A server lowers it while answers stream, so a decode step never waits behind
+ * more than a short ubatch, and restores it when none does. Logits and KV are unchanged on the CPU backend
+ * (its rows do not depend on the ubatch); on CUDA they may differ by f32 rounding, as between ubatch sizes.
+ * TP_ERR_INVALID_ARGUMENT for limit < 0. */
+TP_API tp_status tp_engine_set_ubatch_limit(tp_engine* engine, int64_t limit);
 
 /* ---- several sequences (n_seq slots) -------------------------------------------------------------------
  * tp_engine_prefill and tp_engine_prefill_mm act on slot 0. Calls on different slots may run at the same time

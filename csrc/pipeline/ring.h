@@ -24,7 +24,9 @@ struct RingSlot {
   float* data = nullptr;      // activation buffer on the receiving device: [ubatch, n_embd]
   void* job = nullptr;        // the scheduler's job the ubatch belongs to (pipeline/scheduler.h)
   int64_t ubatch = -1;        // index of the ubatch held
+  int64_t row0 = 0;           // its first row in the job
   int64_t n_tok = 0;
+  bool last = false;          // the job's last ubatch
   bool skip = false;          // the job failed or was cancelled: no data, the consumer only passes it on
   void* ev_filled = nullptr;  // device event: copy into data complete
   void* ev_free = nullptr;    // device event: consumer done reading data

@@ -137,12 +137,32 @@ void Pipeline::drop_stopped_locked() {
   }
 }
 
+UbatchRef Pipeline::issue_locked(Job& job) {
+  UbatchRef u;
+  u.m = job.next_ub++;
+  u.row0 = job.next_row;
+  int64_t end = job.bounds[job.next_plan + 1];
+  const int64_t lim = limit_.load(std::memory_order_relaxed);
+  if (lim > 0 && !job.is_decode() && end - u.row0 > lim) end = u.row0 + lim;
+  if (end == job.bounds[job.next_plan + 1]) ++job.next_plan;
+  job.next_row = end;
+  u.n_tok = end - u.row0;
+  u.last = end == job.n;
+  return u;
+}
+
+void Pipeline::regroup_pos(Job& job, const UbatchRef& u) {
+  if (job.ub_pos.empty()) return;
+  for (int64_t sec = 0; sec < 4; ++sec)
+    std::copy_n(job.pos + sec * job.n + u.row0, u.n_tok, job.ub_pos.begin() + 4 * u.row0 + sec * u.n_tok);
+}
+
 void Pipeline::first_loop() {
   Stage& st = *stages_[0];
   bool have_credit = !sequential_;  // pipelined: never waits for one
   for (;;) {
     Job* job = nullptr;
-    int64_t m = 0;
+    UbatchRef u;
     {
       std::unique_lock<std::mutex> lk(qmu_);
       for (;;) {
@@ -155,10 +175,10 @@ void Pipeline::first_loop() {
       if (have_credit) {
         std::deque<Job*>& q = decode_q_.empty() ? prefill_q_ : decode_q_;
         job = q.front();
-        m = job->next_ub++;
+        u = issue_locked(*job);
         std::lock_guard<std::mutex> jl(job->mu);
         ++job->issued;
-        if (m + 2 == int64_t(job->bounds.size())) {
+        if (u.last) {
           q.pop_front();
           close_locked(*job);
         }
@@ -173,8 +193,9 @@ void Pipeline::first_loop() {
       continue;
     }
     if (sequential_) have_credit = false;
+    regroup_pos(*job, u);  // only this thread writes ub_pos; later stages see it through the ring hand-off
     in_stage_[0].fetch_add(1, std::memory_order_relaxed);
-    if (!process(0, *job, m, false)) return;
+    if (!process(0, *job, u, false)) return;
   }
 }
 
@@ -186,7 +207,11 @@ void Pipeline::stage_loop(int s) {
     if (i < 0) return;
     RingSlot& slot = in.slot(i);
     Job& job = *static_cast<Job*>(slot.job);
-    const int64_t m = slot.ubatch;
+    UbatchRef u;
+    u.m = slot.ubatch;
+    u.row0 = slot.row0;
+    u.n_tok = slot.n_tok;
+    u.last = slot.last;
     const bool skip = slot.skip || job.stop.load();
     if (!skip) {
       st.ops->event_wait(slot.ev_filled);
@@ -194,15 +219,14 @@ void Pipeline::stage_loop(int s) {
       st.ops->event_record(slot.ev_free);
     }
     in.release();
-    if (!process(s, job, m, skip)) return;
+    if (!process(s, job, u, skip)) return;
   }
 }
 
-void Pipeline::compute(int s, Job& job, int64_t m) {
+void Pipeline::compute(int s, Job& job, const UbatchRef& u) {
   Stage& st = *stages_[size_t(s)];
   const bool first = s == 0, last = s + 1 == int(stages_.size());
-  const int64_t M = int64_t(job.bounds.size()) - 1;
-  const int64_t b = job.bounds[size_t(m)], nt = job.bounds[size_t(m) + 1] - b;
+  const int64_t m = u.m, b = u.row0, nt = u.n_tok;
   Job::StageSteps& ss = job.stages[size_t(s)];
   if (m == 0) {
     // The job's slots grow here, on the stage's own thread, so that a stage's Ops is only ever driven by it.
@@ -237,8 +261,8 @@ void Pipeline::compute(int s, Job& job, int64_t m) {
     ub.kv.pos0 = job.pos0 + b;
   }
   ub.n_tok = nt;
-  st.compute(cfg_, w_, first, last, ub, job.all_logits, m == M - 1, job.stop);
-  if (last && job.logits && (job.all_logits || m == M - 1)) {
+  st.compute(cfg_, w_, first, last, ub, job.all_logits, u.last, job.stop);
+  if (last && job.logits && (job.all_logits || u.last)) {
     const int64_t rows = job.all_logits ? nt : 1;
     st.ops->to_host(job.logits + (job.all_logits ? b * cfg_.n_vocab : 0), st.logits, rows * cfg_.n_vocab);
   }
@@ -276,15 +300,14 @@ void Pipeline::read_timers(int s, Job& job) {
   ss.origin = nullptr;
 }
 
-bool Pipeline::process(int s, Job& job, int64_t m, bool skip) {
+bool Pipeline::process(int s, Job& job, const UbatchRef& u, bool skip) {
   Stage& st = *stages_[size_t(s)];
   const bool last = s + 1 == int(stages_.size());
-  const int64_t M = int64_t(job.bounds.size()) - 1;
-  const int64_t nt = job.bounds[size_t(m) + 1] - job.bounds[size_t(m)];
+  const int64_t nt = u.n_tok;
   if (!skip && job.stop.load()) skip = true;
   if (!skip) {
     try {
-      compute(s, job, m);
+      compute(s, job, u);
     } catch (...) {
       const std::pair<tp_status, std::string> e = stage_error(st);
       {
@@ -300,7 +323,7 @@ bool Pipeline::process(int s, Job& job, int64_t m, bool skip) {
       skip = true;
     }
   }
-  if (m == M - 1 || skip) read_timers(s, job);
+  if (u.last || skip) read_timers(s, job);
 
   if (!last) {
     SpscRing& out = *rings_[size_t(s) + 1];
@@ -314,8 +337,10 @@ bool Pipeline::process(int s, Job& job, int64_t m, bool skip) {
       st.ops->event_record(slot.ev_filled);
     }
     slot.job = &job;
-    slot.ubatch = m;
+    slot.ubatch = u.m;
+    slot.row0 = u.row0;
     slot.n_tok = nt;
+    slot.last = u.last;
     slot.skip = skip;
     in_stage_[size_t(s) + 1].fetch_add(1, std::memory_order_relaxed);  // before the next stage can take it
     out.publish();
@@ -348,15 +373,9 @@ std::vector<TraceEvent> Pipeline::run(Job& job) {
     if (job.bounds[m + 1] <= job.bounds[m] || job.bounds[m + 1] - job.bounds[m] > ubatch_)
       fail(TP_ERR_INTERNAL, "ubatch %d of the plan has %lld tokens; buffers hold 1..%lld", int(m),
            (long long)(job.bounds[m + 1] - job.bounds[m]), (long long)ubatch_);
-  // Position ids regrouped so that each ubatch's are one contiguous [4, nt] block: one copy per stage and ubatch.
-  if (job.pos) {
-    job.ub_pos.resize(size_t(4 * job.n));
-    for (size_t m = 0; m + 1 < job.bounds.size(); ++m) {
-      const int64_t b = job.bounds[m], nt = job.bounds[m + 1] - b;
-      for (int64_t sec = 0; sec < 4; ++sec)
-        std::copy_n(job.pos + sec * job.n + b, nt, job.ub_pos.begin() + 4 * b + sec * nt);
-    }
-  }
+  // Position ids are regrouped as each ubatch is issued (regroup_pos), into one contiguous [4, nt] block per
+  // ubatch: one copy per stage and ubatch.
+  if (job.pos) job.ub_pos.resize(size_t(4 * job.n));
   job.stages.assign(stages_.size(), {});
   job.t0 = now_seconds();
   {

@@ -56,8 +56,10 @@ struct Job {
   std::vector<KvRow> rows;          // decode: [n] row i's slot and KV index; empty for a prefill
   bool all_logits = false;          // logits of every row (always for a decode)
   float* logits = nullptr;          // host: [n_vocab] or [n, n_vocab]; may be null
-  // Ubatch m is rows [bounds[m], bounds[m+1]); bounds[0] = 0, bounds.back() = n, none larger than the
-  // Pipeline's ubatch capacity. Empty: fixed ubatches of that capacity.
+  // The planned cuts: rows [bounds[k], bounds[k+1]); bounds[0] = 0, bounds.back() = n, none larger than the
+  // Pipeline's ubatch capacity. Empty: fixed ubatches of that capacity. Stage 0 may cut a planned ubatch
+  // further when the Pipeline's ubatch limit is set (set_ubatch_limit), so the ubatches actually run are
+  // decided as they are issued.
   std::vector<int64_t> bounds;
 
   // --- outputs (valid when run() returns)
@@ -77,9 +79,11 @@ struct Job {
     Ops::RouterStats router{0, 0};
   };
   std::vector<StageSteps> stages;
-  std::vector<int32_t> ub_pos;      // pos regrouped per ubatch (ubatch m's [4, nt] at 4 · bounds[m])
+  std::vector<int32_t> ub_pos;      // pos regrouped per ubatch (the one of rows [b, b+nt) as [4, nt] at 4 · b)
   double t0 = 0;
-  int64_t next_ub = 0;              // stage 0: next ubatch to issue (under the queue lock)
+  int64_t next_ub = 0;              // stage 0: index of the next ubatch to issue (under the queue lock)
+  int64_t next_row = 0;             // its first row (under the queue lock)
+  size_t next_plan = 0;             // the planned ubatch holding next_row: [bounds[k], bounds[k+1]) (queue lock)
   std::atomic<bool> stop{false};    // failed or cancelled: stages skip the job's ubatches
   std::mutex mu;                    // guards the fields below
   std::condition_variable cv;
@@ -90,6 +94,12 @@ struct Job {
   std::string message;
 
   bool is_decode() const { return !rows.empty(); }
+};
+
+// One issued ubatch: the job's rows [row0, row0 + n_tok), its index m in the job, and whether it is the last.
+struct UbatchRef {
+  int64_t m = 0, row0 = 0, n_tok = 0;
+  bool last = false;
 };
 
 class Pipeline {
@@ -118,6 +128,13 @@ class Pipeline {
   // not yet handed on or retired. A snapshot; any thread.
   int in_flight(int s) const { return in_stage_[size_t(s)].load(std::memory_order_relaxed); }
 
+  // Thread-safe: from now on no prefill ubatch issued at stage 0 has more than `limit` tokens (0: no limit
+  // beyond the plan), including the remaining ubatches of prefills already running. A server lowers it while
+  // answers stream, so that a decode step waits behind a short ubatch, and raises it when none does. Results
+  // do not depend on it where the kernels give the same rows whatever the ubatch (the CPU backend).
+  void set_ubatch_limit(int64_t limit) { limit_.store(limit < 0 ? 0 : limit, std::memory_order_relaxed); }
+  int64_t ubatch_limit() const { return limit_.load(std::memory_order_relaxed); }
+
   static constexpr int kDefaultRingSlots = 2;
 
  private:
@@ -125,8 +142,12 @@ class Pipeline {
   void stage_loop(int s);
   // One ubatch of `job` at stage s, then its hand-off to stage s+1 (or its retirement at the last stage).
   // Returns false when the pipeline shuts down.
-  bool process(int s, Job& job, int64_t m, bool skip);
-  void compute(int s, Job& job, int64_t m);
+  bool process(int s, Job& job, const UbatchRef& u, bool skip);
+  void compute(int s, Job& job, const UbatchRef& u);
+  // Under qmu_: the next ubatch of `job` (the rest of its planned ubatch, cut to the limit for a prefill).
+  UbatchRef issue_locked(Job& job);
+  // Stage 0, before compute: the ubatch's position ids regrouped into job.ub_pos.
+  static void regroup_pos(Job& job, const UbatchRef& u);
   void read_timers(int s, Job& job);
   // Stops the submitted jobs for which pred(job) holds.
   template <class Pred>
@@ -143,12 +164,13 @@ class Pipeline {
   std::atomic<bool> shutdown_{false};
   std::vector<std::unique_ptr<SpscRing>> rings_;  // rings_[s] feeds stage s (s >= 1)
   std::unique_ptr<SpscRing> credit_;              // last stage -> stage 0, sequential schedule only
-  std::mutex qmu_;                                // guards the queues, active_ and Job::next_ub
+  std::mutex qmu_;                                // guards the queues, active_ and Job::next_*
   std::condition_variable qcv_;
   std::deque<Job*> decode_q_, prefill_q_;         // jobs with ubatches left to issue
   std::list<Job*> active_;                        // every job in run()
   std::vector<std::thread> threads_;
   std::unique_ptr<std::atomic<int>[]> in_stage_;  // in_flight()
+  std::atomic<int64_t> limit_{0};                 // set_ubatch_limit()
 };
 
 }  // namespace tp

@@ -672,6 +672,13 @@ class Engine:
         else:
             check(lib.tp_engine_cancel_seq(self._h, int(seq)))
 
+    def set_ubatch_limit(self, limit: int | None) -> None:
+        """Cap the prefill ubatches that enter the pipeline from now on at `limit` tokens, including the rest of
+        prefills already running (None or 0: the ubatches planned at creation). Any thread. The server lowers
+        it while answers stream, so that a decode step waits behind a short ubatch only. Logits do not change
+        on the CPU backend; on CUDA they may by f32 rounding, as between ubatch sizes."""
+        check(lib.tp_engine_set_ubatch_limit(self._handle(), int(limit or 0)))
+
     def chat(self, messages: Sequence[dict], params=None, **sampling) -> str:
         """The assistant's reply to chat messages (the GGUF's chat template; images as in prefill()), sampled
         with SamplingParams given as params= or as keywords (temperature=0 is greedy; see sampling.py). The

@@ -76,11 +76,11 @@ def _sampling(body: dict, chat: bool) -> SamplingParams:
 class Server:
     """The engine, its scheduler and what the routes need to answer."""
 
-    def __init__(self, engine: Any, model_id: str, parallel: int = 1, max_queue: int = 64):
+    def __init__(self, engine: Any, model_id: str, parallel: int = 1, max_queue: int = 64, stream_ubatch: int = 0):
         self.eng = engine
         self.model_id = model_id
         self.metrics = Metrics(engine)
-        self.scheduler = Scheduler(engine, parallel, max_queue, self.metrics)
+        self.scheduler = Scheduler(engine, parallel, max_queue, self.metrics, stream_ubatch)
         self.tok = engine.tokenizer
         self.n_ctx = self.scheduler.n_ctx
         self.created = int(time.time())
@@ -189,8 +189,9 @@ class Server:
         return {"prompt_tokens": req.n_prompt, "completion_tokens": n, "total_tokens": req.n_prompt + n}
 
 
-def create_app(engine: Any, model_id: str, parallel: int = 1, max_queue: int = 64):
-    """The Starlette app serving `engine` as `model_id` with `parallel` slots; app.state.server is the Server."""
+def create_app(engine: Any, model_id: str, parallel: int = 1, max_queue: int = 64, stream_ubatch: int = 0):
+    """The Starlette app serving `engine` as `model_id` with `parallel` slots; app.state.server is the Server.
+    stream_ubatch: the cap on prompt ubatches while answers stream (Scheduler; 0: none)."""
     require("starlette", "turboprefill serve")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -199,7 +200,7 @@ def create_app(engine: Any, model_id: str, parallel: int = 1, max_queue: int = 6
 
     from .openai_format import chat_handler, completions_handler
 
-    srv = Server(engine, model_id, parallel, max_queue)
+    srv = Server(engine, model_id, parallel, max_queue, stream_ubatch)
 
     def error(status, message, kind, param=None, code=None):
         return JSONResponse(_error_body(status, message, kind, param, code), status_code=status)

@@ -9,6 +9,11 @@ max_tokens or a full context, on an engine error, or on cancel() (a client that 
 before the next step. A prefill in flight is stopped with Engine.cancel(seq=its slot) within about one ubatch;
 other slots' prefills and the decode steps go on.
 
+While any request streams (the decode set is not empty), prompt ubatches are capped at `stream_ubatch` tokens
+(Engine.set_ubatch_limit, which also cuts the rest of prompts already running): a decode step goes ahead of
+queued prompt ubatches at stage 0 but waits for the one being computed, so this bounds the stall a long prompt
+puts into other requests' answers. With no answer streaming, prompts run in the full ubatches.
+
 Events go to the consumer through its `emit` callable (the server passes one that hops onto the asyncio loop):
 a sampling.Step per token, or a RequestFailed at most once, after which nothing follows.
 """
@@ -64,10 +69,14 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine: Any, n_slots: int, max_queue: int, metrics: Any = None):
+    def __init__(self, engine: Any, n_slots: int, max_queue: int, metrics: Any = None, stream_ubatch: int = 0):
         self.eng = engine
         if not 1 <= n_slots <= engine.n_seq:
             raise ValueError(f"{n_slots} slots need an Engine with as many sequences (it has n_seq={engine.n_seq})")
+        if stream_ubatch < 0:
+            raise ValueError(f"stream_ubatch must be >= 0 (0: no cap while answers stream), got {stream_ubatch}")
+        self.stream_ubatch = int(stream_ubatch)
+        self._limit = 0  # the cap now set on the engine
         self.n_slots = n_slots
         self.n_ctx = int(engine.config["n_ctx"])
         self.max_queue = max_queue
@@ -156,8 +165,16 @@ class Scheduler:
         self._prefilling.pop(slot, None)
         self.eng.free_seq(slot)
         self._free.append(slot)
+        self._cap_ubatches()
         self._gauges()
         self._cv.notify_all()
+
+    def _cap_ubatches(self) -> None:
+        """Prompt ubatches capped at stream_ubatch while the decode set is not empty (under the lock)."""
+        want = self.stream_ubatch if self._running else 0
+        if want != self._limit:
+            self.eng.set_ubatch_limit(want)
+            self._limit = want
 
     # ---- the scheduler thread -----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -208,14 +225,19 @@ class Scheduler:
             self.metrics.prefill_tps.set(req.n_prompt / max(now - t0, 1e-9))
             self.metrics.prompt_tokens.inc(req.n_prompt)
             self.metrics.ttft.observe(now - req.arrived)
-        req.gen = Generation(self.eng.tokenizer, req.params, [t for t in req.prompt if t >= 0], self.n_ctx,
-                             req.n_prompt)
+        try:
+            req.gen = Generation(self.eng.tokenizer, req.params, [t for t in req.prompt if t >= 0], self.n_ctx,
+                                 req.n_prompt)
+        except Exception as e:  # noqa: BLE001 — e.g. a model without a vocabulary: this request ends, not the server
+            self._fail([req], RequestFailed(500, f"cannot sample: {type(e).__name__}: {e}", "server_error"))
+            return
         req.last_time = now
         with self._cv:
             self._prefilling.pop(req.slot, None)
             self._deliver(req, logits)
             if req.gen.finish_reason is None and not req.cancelled.is_set():
                 self._running[req.slot] = req
+                self._cap_ubatches()
             else:
                 self._count("cancelled" if req.cancelled.is_set() else "ok")
                 self._release(req)
