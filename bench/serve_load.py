@@ -82,7 +82,7 @@ async def drive(url: str, model: str, plan: list[tuple[float, str]], clients: in
 
 
 def launch(kind: str, model: str, port: int, threads: int, n_ctx: int, parallel: int,
-           devices: str | None = None, stream_ubatch: int | None = None) -> subprocess.Popen:
+           devices: str | None = None, stream_ubatch: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'python'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if kind == "turboprefill":
         cmd = [sys.executable, "-m", "turboprefill.cli", "serve", model, "--threads", str(threads), "--port",
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="turboprefill serve --parallel")
     p.add_argument("--devices", help="turboprefill serve --devices, e.g. cpu:0,cpu:1 (2 CPU stages; --threads is "
                    "then per stage)")
-    p.add_argument("--stream-ubatch", help="turboprefill serve --stream-ubatch; a comma list (e.g. 0,64,128) runs "
+    p.add_argument("--stream-ubatch", help="turboprefill serve --stream-ubatch; a comma list (e.g. auto,0,64) runs "
                    "turboprefill once per value, one after the other")
     p.add_argument("--port", type=int, default=18123)
     p.add_argument("--seed", type=int, default=0)
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     plan = requests(max(1, int(a.rate * a.duration)), a.rate, (lo, hi), a.seed)
     model = str(resolve_model(a.model))
     rows = []
-    caps = [int(x) for x in a.stream_ubatch.split(",")] if a.stream_ubatch else [None]
+    caps = a.stream_ubatch.split(",") if a.stream_ubatch else [None]
     targets = [("given", None, None)] if a.url else [
         (k if cap is None or k != "turboprefill" else f"turboprefill --stream-ubatch {cap}", k, cap)
         for k in a.servers.split(",") for cap in (caps if k == "turboprefill" else [None])]

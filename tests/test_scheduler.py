@@ -10,6 +10,7 @@ import pytest
 
 from turboprefill import Engine
 from turboprefill.sampling import SamplingParams, Step
+from turboprefill.server import scheduler
 from turboprefill.server.scheduler import Request, Scheduler
 from turboprefill.writer_vl import add_qwen_tokenizer
 
@@ -34,11 +35,19 @@ def prompt(n: int, seed: int) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(3, 200, n)]
 
 
-@pytest.mark.parametrize("stream_ubatch", [0, 8])
-def test_prompt_ubatches_are_capped_while_an_answer_streams(synthetic_model, stream_ubatch):
+@pytest.mark.parametrize("stream_ubatch, stall_target, cap", [
+    (0, None, None),  # no cap
+    (8, None, 8),
+    ("auto", None, None),  # 0.1 s of this tiny model's prompt work is more than its whole ubatch of 32
+    ("auto", 1e-4, 16),  # a target so short that the cap is the floor
+])
+def test_prompt_ubatches_are_capped_while_an_answer_streams(synthetic_model, monkeypatch, stream_ubatch,
+                                                            stall_target, cap):
     """Request A streams a long answer; request B's long prompt arrives meanwhile: B's ubatches are cut to the
-    cap (none when the cap is 0), and once nothing streams the engine is back to its full ubatches. Both answers
-    are the ones each gets alone."""
+    cap (none when there is none), and once nothing streams the engine is back to its full ubatches. Both
+    answers are the ones each gets alone."""
+    if stall_target is not None:
+        monkeypatch.setattr(scheduler, "STALL_TARGET", stall_target)
     path = synthetic_model("llama256", n_ctx=4096, n_vocab=400, tokenizer=add_qwen_tokenizer)
     eng = Engine(path, devices="cpu:0,cpu:1", threads=1, ubatch=32, n_ctx=4096, n_seq=2)
     greedy = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
@@ -53,6 +62,9 @@ def test_prompt_ubatches_are_capped_while_an_answer_streams(synthetic_model, str
         alone[name] = [s.token for s in c.steps]
 
     sch = Scheduler(eng, 2, 4, stream_ubatch=stream_ubatch)
+    first = Collector()
+    sch.submit(Request(prompt(40, 4), SamplingParams(temperature=0, max_tokens=1), first))  # measures the rate
+    assert first.done.wait(60)
     streaming = threading.Event()
     a, b = Collector(streaming), Collector()
     sch.submit(Request(pa, greedy, a))
@@ -65,8 +77,8 @@ def test_prompt_ubatches_are_capped_while_an_answer_streams(synthetic_model, str
     trace, _ = eng._trace(1)
     sizes = [e.n_tokens for e in sorted(trace.events, key=lambda e: e.ubatch) if e.stage == 0]
     assert sum(sizes) == 1500
-    if stream_ubatch:
-        assert max(sizes) <= stream_ubatch, sizes
+    if cap:
+        assert max(sizes) == cap, sizes
     else:
         assert sizes.count(32) == 1500 // 32, sizes
     eng.free_seq(0)
@@ -77,8 +89,9 @@ def test_prompt_ubatches_are_capped_while_an_answer_streams(synthetic_model, str
 
 def test_negative_cap_is_an_error(synthetic_model):
     eng = Engine(synthetic_model("llama256", n_vocab=400, tokenizer=add_qwen_tokenizer), n_seq=1)
-    with pytest.raises(ValueError, match="stream_ubatch"):
-        Scheduler(eng, 1, 4, stream_ubatch=-1)
+    for bad in (-1, "fast", 1.5j):
+        with pytest.raises(ValueError, match="stream_ubatch"):
+            Scheduler(eng, 1, 4, stream_ubatch=bad)
 
 
 def test_a_model_without_vocabulary_fails_the_request_not_the_scheduler(synthetic_model):

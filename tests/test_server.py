@@ -92,6 +92,7 @@ def test_models_health_metrics(server):
                  "tp_decode_tokens_per_second", "tp_requests_queued", "tp_requests_running"):
         assert name in m
     assert 'tp_stage_ubatches_in_flight{stage="0"} 0.0' in m  # idle
+    assert "tp_prompt_ubatch_cap 0.0" in m  # no answer streams
 
 
 def test_chat_greedy_equals_engine_chat_streaming_or_not(client, ref_engine):

@@ -217,14 +217,21 @@ def cmd_serve(a) -> int:
     from .server import create_app
 
     uvicorn = require("uvicorn", "turboprefill serve")
-    if a.parallel < 1 or a.max_queue < 0 or a.stream_ubatch < 0:
-        print("turboprefill serve: --parallel must be >= 1, --max-queue and --stream-ubatch >= 0", file=sys.stderr)
+    from .server.scheduler import parse_stream_ubatch
+
+    if a.parallel < 1 or a.max_queue < 0:
+        print("turboprefill serve: --parallel must be >= 1 and --max-queue >= 0", file=sys.stderr)
+        return 2
+    try:
+        stream_ubatch = parse_stream_ubatch(a.stream_ubatch)
+    except ValueError as e:
+        print(f"turboprefill serve: --stream-ubatch: {e}", file=sys.stderr)
         return 2
     extra = {"mmproj": a.mmproj} if a.mmproj else {}
     eng = Engine(a.model, devices=a.devices, threads=a.threads, ubatch=a.ubatch, n_ctx=a.n_ctx, n_seq=a.parallel,
                  **extra)
     model_id = a.alias or os.path.basename(eng.path).removesuffix(".gguf")
-    app = create_app(eng, model_id, parallel=a.parallel, max_queue=a.max_queue, stream_ubatch=a.stream_ubatch)
+    app = create_app(eng, model_id, parallel=a.parallel, max_queue=a.max_queue, stream_ubatch=stream_ubatch)
     print(f"serving {eng.path} as {model_id!r} on http://{a.host}:{a.port}/v1 ({a.parallel} slot(s), n_ctx "
           f"{eng.config['n_ctx']}, devices {a.devices})", file=sys.stderr)
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
@@ -372,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     pv.add_argument("--port", type=int, default=8080)
     pv.add_argument("--parallel", type=int, default=1, help="requests generating at once (engine sequences)")
     pv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
-    pv.add_argument("--stream-ubatch", type=int, default=128,
-                    help="prompt ubatch cap while answers stream, bounding their stall behind a prompt (0: none)")
+    pv.add_argument("--stream-ubatch", default="auto",
+                    help="prompt ubatch cap while answers stream, bounding their stall behind a prompt: a token "
+                    "count, 0 (none) or auto (about 0.1 s of prompt work at the measured prefill speed)")
     pv.add_argument("--alias", help="the model id clients name (default: the GGUF's file name)")
     pv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     pv.set_defaults(fn=cmd_serve)

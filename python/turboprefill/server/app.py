@@ -76,7 +76,8 @@ def _sampling(body: dict, chat: bool) -> SamplingParams:
 class Server:
     """The engine, its scheduler and what the routes need to answer."""
 
-    def __init__(self, engine: Any, model_id: str, parallel: int = 1, max_queue: int = 64, stream_ubatch: int = 0):
+    def __init__(self, engine: Any, model_id: str, parallel: int = 1, max_queue: int = 64,
+                 stream_ubatch: int | str = "auto"):
         self.eng = engine
         self.model_id = model_id
         self.metrics = Metrics(engine)
@@ -189,9 +190,11 @@ class Server:
         return {"prompt_tokens": req.n_prompt, "completion_tokens": n, "total_tokens": req.n_prompt + n}
 
 
-def create_app(engine: Any, model_id: str, parallel: int = 1, max_queue: int = 64, stream_ubatch: int = 0):
+def create_app(engine: Any, model_id: str, parallel: int = 1, max_queue: int = 64,
+                 stream_ubatch: int | str = "auto"):
     """The Starlette app serving `engine` as `model_id` with `parallel` slots; app.state.server is the Server.
-    stream_ubatch: the cap on prompt ubatches while answers stream (Scheduler; 0: none)."""
+    stream_ubatch: the cap on prompt ubatches while answers stream ("auto", a token count, or 0: none;
+    server/scheduler.py)."""
     require("starlette", "turboprefill serve")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException

@@ -37,6 +37,8 @@ class Metrics:
         self.in_flight = prom.Gauge("tp_stage_ubatches_in_flight",
                                     "Ubatches at each pipeline stage (in its input ring or being computed)", ["stage"],
                                     registry=r)
+        self.ubatch_cap = prom.Gauge("tp_prompt_ubatch_cap",
+                                     "Token cap on prompt ubatches now (0: none; set while answers stream)", registry=r)
         self.engine = engine
 
     def _sample_engine(self) -> None:

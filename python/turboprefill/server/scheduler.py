@@ -9,10 +9,13 @@ max_tokens or a full context, on an engine error, or on cancel() (a client that 
 before the next step. A prefill in flight is stopped with Engine.cancel(seq=its slot) within about one ubatch;
 other slots' prefills and the decode steps go on.
 
-While any request streams (the decode set is not empty), prompt ubatches are capped at `stream_ubatch` tokens
-(Engine.set_ubatch_limit, which also cuts the rest of prompts already running): a decode step goes ahead of
-queued prompt ubatches at stage 0 but waits for the one being computed, so this bounds the stall a long prompt
-puts into other requests' answers. With no answer streaming, prompts run in the full ubatches.
+While any request streams (the decode set is not empty), prompt ubatches are capped (Engine.set_ubatch_limit,
+which also cuts the rest of prompts already running): a decode step goes ahead of queued prompt ubatches at
+stage 0 but waits for the one being computed, so the cap bounds the stall a prompt puts into other requests'
+answers. stream_ubatch="auto" sizes the cap to STALL_TARGET seconds of prompt work at the compute speed of this
+server's recent prompts (from their traces: tokens over the busiest stage's ubatch time, so waiting behind
+other work does not count); an int is a fixed cap, 0 none. With no answer streaming, prompts run in the full
+ubatches.
 
 Events go to the consumer through its `emit` callable (the server passes one that hops onto the asyncio loop):
 a sampling.Step per token, or a RequestFailed at most once, after which nothing follows.
@@ -68,15 +71,35 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+STALL_TARGET = 0.1  # seconds: the prompt work a streaming answer may wait behind, with stream_ubatch="auto"
+MIN_STREAM_UBATCH = 16  # the auto cap never goes below this (tiny ubatches waste the matmul kernels)
+
+
+def parse_stream_ubatch(value: int | str) -> int | str:
+    """"auto" or an int >= 0 (the server's --stream-ubatch); ValueError otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise ValueError(f'stream_ubatch must be "auto" or a token count >= 0 (0: no cap while answers stream), '
+                         f"got {value!r}")
+    return n
+
+
 class Scheduler:
-    def __init__(self, engine: Any, n_slots: int, max_queue: int, metrics: Any = None, stream_ubatch: int = 0):
+    def __init__(self, engine: Any, n_slots: int, max_queue: int, metrics: Any = None,
+                 stream_ubatch: int | str = "auto"):
         self.eng = engine
         if not 1 <= n_slots <= engine.n_seq:
             raise ValueError(f"{n_slots} slots need an Engine with as many sequences (it has n_seq={engine.n_seq})")
-        if stream_ubatch < 0:
-            raise ValueError(f"stream_ubatch must be >= 0 (0: no cap while answers stream), got {stream_ubatch}")
-        self.stream_ubatch = int(stream_ubatch)
+        self.stream_ubatch = parse_stream_ubatch(stream_ubatch)
+        ub = engine.ubatch_bounds[1] if engine.ubatch == "auto" else engine.ubatch
+        self._ubatch = int(ub)  # the engine's largest prompt ubatch
         self._limit = 0  # the cap now set on the engine
+        self._prefill_rate = 0.0  # tokens/s of recent prompts (a moving average), for the auto cap
         self.n_slots = n_slots
         self.n_ctx = int(engine.config["n_ctx"])
         self.max_queue = max_queue
@@ -153,10 +176,22 @@ class Scheduler:
         req.n_prompt = int(ip.layout.tokens.size)
         return ip
 
-    def _prefill(self, req: Request, ip: Any) -> np.ndarray:
+    def _prefill(self, req: Request, ip: Any) -> Any:
         if ip is not None:
-            return self.eng._prefill_mm(ip.layout.tokens, ip.rows, ip.layout.positions, seq=req.slot).logits
-        return self.eng.prefill(req.prompt, seq=req.slot).logits
+            return self.eng._prefill_mm(ip.layout.tokens, ip.rows, ip.layout.positions, seq=req.slot)
+        return self.eng.prefill(req.prompt, seq=req.slot)
+
+    def _measure(self, res: Any, n: int) -> None:
+        """Folds a prompt's compute speed (tokens over its busiest stage's ubatch seconds) into the average
+        that sizes the auto cap."""
+        busy: dict[int, float] = {}
+        for e in res.trace.events:
+            busy[e.stage] = busy.get(e.stage, 0.0) + (e.end - e.start)
+        if n < MIN_STREAM_UBATCH or not busy or max(busy.values()) <= 0:
+            return  # short prompts measure the per-call overhead, not the speed
+        rate = n / max(busy.values())
+        with self._cv:
+            self._prefill_rate = rate if self._prefill_rate <= 0 else 0.7 * self._prefill_rate + 0.3 * rate
 
     def _release(self, req: Request) -> None:
         """Give the request's slot back (under the lock)."""
@@ -169,12 +204,23 @@ class Scheduler:
         self._gauges()
         self._cv.notify_all()
 
+    def stream_cap(self) -> int:
+        """The cap on prompt ubatches while answers stream (0: none)."""
+        if self.stream_ubatch != "auto":
+            return int(self.stream_ubatch)
+        if self._prefill_rate <= 0:
+            return 0  # nothing measured yet
+        cap = max(MIN_STREAM_UBATCH, int(self._prefill_rate * STALL_TARGET))
+        return 0 if cap >= self._ubatch else cap
+
     def _cap_ubatches(self) -> None:
-        """Prompt ubatches capped at stream_ubatch while the decode set is not empty (under the lock)."""
-        want = self.stream_ubatch if self._running else 0
+        """Prompt ubatches capped at stream_cap() while the decode set is not empty (under the lock)."""
+        want = self.stream_cap() if self._running else 0
         if want != self._limit:
             self.eng.set_ubatch_limit(want)
             self._limit = want
+            if self.metrics is not None:
+                self.metrics.ubatch_cap.set(want)
 
     # ---- the scheduler thread -----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -213,7 +259,7 @@ class Scheduler:
             self._fail([req], RequestFailed(500, f"the vision tower failed: {type(e).__name__}: {e}", "server_error"))
             return
         try:
-            logits = self._prefill(req, ip)
+            res = self._prefill(req, ip)
         except ContextOverflowError as e:
             self._fail([req], RequestFailed(413, str(e), "context_length_exceeded"))
             return
@@ -221,6 +267,8 @@ class Scheduler:
             self._fail([req], RequestFailed(500, f"the engine failed: {type(e).__name__}: {e}", "server_error"))
             return
         now = time.perf_counter()
+        logits = res.logits
+        self._measure(res, req.n_prompt)
         if self.metrics is not None:
             self.metrics.prefill_tps.set(req.n_prompt / max(now - t0, 1e-9))
             self.metrics.prompt_tokens.inc(req.n_prompt)
