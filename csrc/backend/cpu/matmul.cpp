@@ -14,8 +14,11 @@
 //     (q - kQMin for the signed types), plus the f32 scales/offsets per (group, row).
 //  3. The tile is multiplied with blocks of 2-4 tokens: with AVX-512 VNNI one vpdpbusd multiplies the 32
 //     rows' 4-byte chunks (two zmm) with one token's 4 activation bytes (broadcast), so each int32 lane is
-//     one row's group sum and no horizontal reduction is needed; AVX2 does the same with vpmaddubsw +
-//     vpmaddwd on 8-row ymm vectors; a scalar loop is the portable fallback.
+//     one row's group sum and no horizontal reduction is needed. AVX2 has no such instruction: there the
+//     activations are also written as int16 128 q1 + q2 and the tile widened to int16 quants without
+//     bias (widen_tile), so one vpmaddwd per 8 rows and element pair does what takes two vpmaddubsw and
+//     two vpmaddwd on the int8 layout (1.25-1.3x prefill on Q4_K_M models; bench/README.md). A scalar loop
+//     is the portable fallback.
 //  4. Per group (or Q6_K half-group), s = 128 s1 + s2 - bias * Σ(128 q1 + q2) is exact in int32, then
 //         acc = fma(d_w * d, float(s), acc);  acc = fma(m, s_a, acc)   (offset types, s_a = d Σ(128 q1 + q2))
 // Every ISA evaluates exactly this sequence per (row, token) — integer sums are exact, the f32 steps are
@@ -105,10 +108,12 @@ constexpr bool two_stage() {
 // A decoded tile of kTileRows rows (see the file comment).
 struct Tile {
   std::vector<uint8_t> q;            // [G][8][kTileRows][4]
+  std::vector<int16_t> w;            // AVX2: [G][16][kTileRows][2] signed quants (widen_tile)
   std::vector<float> d0, d1, m;      // [G][kTileRows]
   void reserve(int64_t G) {
     if (int64_t(q.size()) < G * kGroupBytes) {
       q.resize(size_t(G * kGroupBytes));
+      w.resize(size_t(G * kGroupBytes));
       d0.resize(size_t(G * kTileRows));
       d1.resize(size_t(G * kTileRows));
       m.resize(size_t(G * kTileRows));
@@ -181,6 +186,21 @@ void decode_tile(const Tensor& w, int64_t r0, int nr, int64_t G, Tile& T) {
       T.d1[size_t(g * kTileRows + r)] = wg.d[1];
       T.m[size_t(g * kTileRows + r)] = wg.m;
     }
+  }
+}
+
+// The AVX2 kernels' layout of a decoded tile: for group g, element pair p (elements 2p, 2p+1) of the 32 rows
+// side by side as int16 (offset g*1024 + p*64 + row*2), the quants without their bias.
+template <class B>
+void widen_tile(Tile& T, int64_t G) {
+  constexpr int bias = bias_of<B>();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* u = &T.q[size_t(g * kGroupBytes)];
+    int16_t* w = &T.w[size_t(g * kGroupBytes)];
+    for (int c = 0; c < 8; ++c)
+      for (int r = 0; r < kTileRows; ++r)
+        for (int j = 0; j < 4; ++j)
+          w[(2 * c + j / 2) * 2 * kTileRows + r * 2 + (j & 1)] = int16_t(int(u[c * 4 * kTileRows + r * 4 + j]) - bias);
   }
 }
 
@@ -278,7 +298,8 @@ TP_AVX2_QTARGET inline int32_t hsum8(__m256i v) {
 }
 
 // quantize_row_scalar on AVX2, bit-identical: the same divisions, roundings and one fma per element.
-TP_AVX2_QTARGET void quantize_row_avx2(const float* x, int64_t K, int8_t* q, AMeta* meta) {
+// w (may be null): the same values as int16 128 q1 + q2 (|.| <= 16320), 32 per group, for the AVX2 tile kernels.
+TP_AVX2_QTARGET void quantize_row_avx2(const float* x, int64_t K, int8_t* q, AMeta* meta, int16_t* w) {
   const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t g = 0; g < K / 32; ++g) {
     int8_t* q1 = q + kActBytes * g;
@@ -293,6 +314,7 @@ TP_AVX2_QTARGET void quantize_row_avx2(const float* x, int64_t K, int8_t* q, AMe
     const float d1 = q8_scale(_mm_cvtss_f32(m4));
     if (d1 == 0.0f) {
       memset(q1, 0, kActBytes);
+      if (w) memset(w + 32 * g, 0, 32 * sizeof(int16_t));
       meta[g] = {0.0f, q8_sum(0.0f, 0), 0, 0, 0.0f, q8_sum(0.0f, 0), 0, 0};
       continue;
     }
@@ -305,7 +327,11 @@ TP_AVX2_QTARGET void quantize_row_avx2(const float* x, int64_t K, int8_t* q, AMe
       const __m256i i2 = d == 0.0f ? _mm256_setzero_si256() : q8_quantize8(r, dv);  // d1 / 128 underflowed
       store_i8x8(q1 + 8 * i, i1);
       store_i8x8(q1 + 32 + 8 * i, i2);
-      sums[i / 2] += hsum8(_mm256_add_epi32(_mm256_slli_epi32(i1, 7), i2));
+      const __m256i wide = _mm256_add_epi32(_mm256_slli_epi32(i1, 7), i2);
+      if (w)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(w + 32 * g + 8 * i),
+                         _mm_packs_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1)));
+      sums[i / 2] += hsum8(wide);
       sums1[i / 2] += hsum8(i1);
     }
     meta[g] = {d, q8_sum(d, sums[0] + sums[1]), sums[0], sums[1], d1, q8_sum(d1, sums1[0] + sums1[1]), sums1[0],
@@ -430,68 +456,49 @@ TP_VNNI_TARGET void kernel_vnni(const Tile& T, int64_t G, const int8_t* xq, int6
 
 #define TP_AVX2_TARGET __attribute__((target("avx2,fma")))
 
-// 16 rows (two ymm) of the tile starting at row rb; Q8_0 (bias 128) uses the sign trick because
-// vpmaddubsw would saturate on 255 * 127 * 2; its integer sums are the same exact values.
+// 16 rows (two ymm of 8 int32 lanes) of the tile starting at row rb, on the widened tile (Tile::w) and
+// activations (xq: int16 128 q1 + q2 per element, stride ldx bytes): per token and element pair one
+// vpmaddwd per 8 rows gives each row's two products summed, so a row's group sum Σ (q - bias)(128 q1 + q2)
+// = 128 s1 + s2 - bias · Σ(128 q1 + q2) is the exact integer of the other ISAs (|sum| < 2^27), with one
+// multiply instruction per 16 products instead of four (vpmaddubsw + vpmaddwd per stage) on the int8 layout.
 template <class B, int NT>
 TP_AVX2_TARGET void kernel_avx2_half(const Tile& T, int64_t G, const int8_t* xq, int64_t ldx, const AMeta* am,
                                      float* out, int64_t ldo, int rb, int nr) {
   constexpr bool kSplit = Unpack<B>::kSplit, kOffset = Unpack<B>::kOffset;
-  constexpr int bias = bias_of<B>();
-  constexpr bool k2 = two_stage<B>();
-  constexpr int kSt = k2 ? 2 : 1;
-  constexpr bool kSignTrick = bias == 128;
-  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  static_assert(two_stage<B>(), "the widened activations carry both stages");
   __m256 fa[2][NT];
   for (int v = 0; v < 2; ++v)
     for (int t = 0; t < NT; ++t) fa[v][t] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    const uint8_t* wg = T.q.data() + g * kGroupBytes + rb * 4;
-    const int8_t* ag = xq + kActBytes * g;
+    const int16_t* wg = T.w.data() + g * kGroupBytes + rb * 2;
+    const int8_t* ag = xq + 64 * g;  // 32 int16
     for (int h = 0; h < (kSplit ? 2 : 1); ++h) {
-      __m256i ia[2][2][NT];
+      __m256i ia[2][NT];
       for (int v = 0; v < 2; ++v)
-        for (int st = 0; st < kSt; ++st)
-          for (int t = 0; t < NT; ++t) ia[v][st][t] = _mm256_setzero_si256();
-      const int c0 = kSplit ? 4 * h : 0, c1 = kSplit ? 4 * h + 4 : 8;
-      for (int c = c0; c < c1; ++c) {
-        __m256i w[2];
-        w[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 4 * kTileRows));
-        w[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + c * 4 * kTileRows + 32));
+        for (int t = 0; t < NT; ++t) ia[v][t] = _mm256_setzero_si256();
+      const int p0 = kSplit ? 8 * h : 0, p1 = kSplit ? 8 * h + 8 : 16;
+      for (int pr = p0; pr < p1; ++pr) {
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + pr * 2 * kTileRows));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + pr * 2 * kTileRows + 16));
         for (int t = 0; t < NT; ++t) {
-          for (int st = 0; st < kSt; ++st) {
-            const __m256i a = _mm256_set1_epi32(load_i32(ag + t * ldx + 32 * st + 4 * c));
-            for (int v = 0; v < 2; ++v) {
-              __m256i p;
-              if (kSignTrick) {
-                const __m256i ws = _mm256_xor_si256(w[v], flip);
-                p = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(a, ws));
-              } else {
-                p = _mm256_maddubs_epi16(w[v], a);
-              }
-              ia[v][st][t] = _mm256_add_epi32(ia[v][st][t], _mm256_madd_epi16(p, ones));
-            }
-          }
+          const __m256i a = _mm256_set1_epi32(load_i32(ag + t * ldx + 4 * pr));
+          ia[0][t] = _mm256_add_epi32(ia[0][t], _mm256_madd_epi16(w0, a));
+          ia[1][t] = _mm256_add_epi32(ia[1][t], _mm256_madd_epi16(w1, a));
         }
       }
       const float* dp = (h == 0 ? T.d0.data() : T.d1.data()) + g * kTileRows + rb;
       const __m256 dw[2] = {_mm256_loadu_ps(dp), _mm256_loadu_ps(dp + 8)};
       for (int t = 0; t < NT; ++t) {
-        const AMeta& a = am[t * G + g];
-        const __m256 da = _mm256_set1_ps(k2 ? a.d : a.d1);
-        const int32_t lo = k2 ? a.lo : a.lo1, hi = k2 ? a.hi : a.hi1;
-        for (int v = 0; v < 2; ++v) {
-          __m256i iv = k2 ? _mm256_add_epi32(_mm256_slli_epi32(ia[v][0][t], 7), ia[v][1][t]) : ia[v][0][t];
-          if (bias && !kSignTrick)
-            iv = _mm256_sub_epi32(iv, _mm256_set1_epi32(bias * (kSplit ? (h == 0 ? lo : hi) : lo + hi)));
-          fa[v][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw[v], da), _mm256_cvtepi32_ps(iv), fa[v][t]);
-        }
+        const __m256 da = _mm256_set1_ps(am[t * G + g].d);
+        for (int v = 0; v < 2; ++v)
+          fa[v][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw[v], da), _mm256_cvtepi32_ps(ia[v][t]), fa[v][t]);
       }
     }
     if (kOffset) {
       const float* mp = T.m.data() + g * kTileRows + rb;
       const __m256 mv[2] = {_mm256_loadu_ps(mp), _mm256_loadu_ps(mp + 8)};
       for (int t = 0; t < NT; ++t) {
-        const __m256 s = _mm256_set1_ps(k2 ? am[t * G + g].s : am[t * G + g].s1);
+        const __m256 s = _mm256_set1_ps(am[t * G + g].s);
         for (int v = 0; v < 2; ++v) fa[v][t] = _mm256_fmadd_ps(mv[v], s, fa[v][t]);
       }
     }
@@ -517,21 +524,24 @@ using KernelFn = void (*)(const Tile&, int64_t, const int8_t*, int64_t, const AM
 template <class B>
 struct KernelSet {
   KernelFn fn[kTokBlk];  // fn[n - 1] handles n tokens
+  bool wide;             // reads the widened tile and activations (ActView::wide)
 };
 
 template <class B>
 KernelSet<B> kernels_for(int isa) {
 #if TP_X86
-  if (isa == kIsaAvx512Vnni) return {{kernel_vnni<B, 1>, kernel_vnni<B, 2>, kernel_vnni<B, 3>, kernel_vnni<B, 4>}};
-  if (isa == kIsaAvx2) return {{kernel_avx2<B, 1>, kernel_avx2<B, 2>, kernel_avx2<B, 3>, kernel_avx2<B, 4>}};
+  if (isa == kIsaAvx512Vnni)
+    return {{kernel_vnni<B, 1>, kernel_vnni<B, 2>, kernel_vnni<B, 3>, kernel_vnni<B, 4>}, false};
+  if (isa == kIsaAvx2) return {{kernel_avx2<B, 1>, kernel_avx2<B, 2>, kernel_avx2<B, 3>, kernel_avx2<B, 4>}, true};
 #endif
-  return {{kernel_scalar<B, 1>, kernel_scalar<B, 2>, kernel_scalar<B, 3>, kernel_scalar<B, 4>}};
+  return {{kernel_scalar<B, 1>, kernel_scalar<B, 2>, kernel_scalar<B, 3>, kernel_scalar<B, 4>}, false};
 }
 
 // Per-thread buffers shared by every weight type (a thread_local inside the template would be one per type).
 struct ActBuf {
   std::vector<int8_t> q;
   std::vector<AMeta> meta;
+  std::vector<int16_t> w;  // AVX2: the rows widened to int16 (quantize_row_avx2), K per row
 };
 ActBuf& act_buf() {
   thread_local ActBuf b;
@@ -551,8 +561,10 @@ void quantize_act(ThreadPool& pool, int isa, const float* in, int64_t n, int64_t
   const int64_t G = K / 32, ldx = G * kActBytes;
   if (int64_t(ab.q.size()) < n * ldx) ab.q.resize(size_t(n * ldx));
   if (int64_t(ab.meta.size()) < n * G) ab.meta.resize(size_t(n * G));
+  if (isa == kIsaAvx2 && int64_t(ab.w.size()) < n * K) ab.w.resize(size_t(n * K));
   int8_t* xq = ab.q.data();
   AMeta* mp = ab.meta.data();
+  int16_t* wp = ab.w.data();
   pool.parallel_for(n, 4, [&](int64_t b, int64_t e, int) {
     for (int64_t t = b; t < e; ++t) {
 #if TP_X86
@@ -561,7 +573,7 @@ void quantize_act(ThreadPool& pool, int isa, const float* in, int64_t n, int64_t
         continue;
       }
       if (isa == kIsaAvx2) {
-        quantize_row_avx2(in + t * K, K, xq + t * ldx, mp + t * G);
+        quantize_row_avx2(in + t * K, K, xq + t * ldx, mp + t * G, wp + t * K);
         continue;
       }
 #endif
@@ -570,12 +582,33 @@ void quantize_act(ThreadPool& pool, int isa, const float* in, int64_t n, int64_t
   });
 }
 
+// The tile kernels' view of the quantized rows: the int8 stages, or on AVX2 the widened int16 rows (and the
+// tile widened to match, see widen_tile).
+struct ActView {
+  const int8_t* q;
+  int64_t ld;  // bytes per row
+  bool wide;
+};
+ActView act_view(const ActBuf& ab, int isa, int64_t K) {
+  if (isa == kIsaAvx2) return {reinterpret_cast<const int8_t*>(ab.w.data()), 2 * K, true};
+  return {ab.q.data(), K / 32 * kActBytes, false};
+}
+
+// Decodes rows [r0, r0 + nr) of w into T in the layout the kernels of `a` read.
+template <class B>
+void decode_tile_for(const Tensor& w, int64_t r0, int nr, int64_t G, Tile& T, const ActView& a) {
+  decode_tile<B>(w, r0, nr, G, T);
+  if (a.wide) widen_tile<B>(T, G);
+}
+
 // A decoded tile times n consecutive quantized rows (quants stride ldx, metadata stride G): out[t * ldo + r].
 template <class B>
 void tile_times_rows(const KernelSet<B>& ks, const Tile& tile, int64_t G, const int8_t* xq, int64_t ldx,
                      const AMeta* mp, int64_t n, float* out, int64_t ldo, int nr) {
-  // Two stages double the int32 accumulators: fewer tokens per block avoid register spills (measured).
-  constexpr int blk = two_stage<B>() ? (Unpack<B>::kSplit ? 2 : 3) : kTokBlk;
+  // Two stages double the int32 accumulators of the int8 layout: fewer tokens per block avoid register
+  // spills (measured). The widened AVX2 kernels take 4 tokens (1.05-1.1x faster than 3 and 1.4x than 2 on a
+  // Q4_K_M prefill, though 2 row vectors × 4 tokens of int32 and f32 sums leave the f32 ones to spill).
+  const int blk = ks.wide ? 4 : two_stage<B>() ? (Unpack<B>::kSplit ? 2 : 3) : kTokBlk;
   int64_t t = 0;
   for (; t + blk <= n; t += blk) ks.fn[blk - 1](tile, G, xq + t * ldx, ldx, mp + t * G, out + t * ldo, ldo, nr);
   if (t < n) ks.fn[n - t - 1](tile, G, xq + t * ldx, ldx, mp + t * G, out + t * ldo, ldo, nr);
@@ -592,6 +625,7 @@ void matmul_int8(ThreadPool& pool, float* out, const Tensor& w, const float* in,
   // 2a. Few tokens (decode steps): dot each row straight from its blocks.
   if (n_tok <= kGemvMaxTokens && cpu_gemv_int8(pool, out, w, ab.q.data(), ldx, ab.meta.data(), n_tok, isa)) return;
   // 2b. Row tiles: decode once, then every token block.
+  const ActView av = act_view(ab, isa, K);
   const int64_t n_tiles = (N + kTileRows - 1) / kTileRows;
   pool.parallel_for(n_tiles, 1, [&](int64_t b, int64_t e, int) {
     Tile& tile = tile_buf();
@@ -599,8 +633,8 @@ void matmul_int8(ThreadPool& pool, float* out, const Tensor& w, const float* in,
     for (int64_t ti = b; ti < e; ++ti) {
       const int64_t r0 = ti * kTileRows;
       const int nr = int(N - r0 < kTileRows ? N - r0 : kTileRows);
-      decode_tile<B>(w, r0, nr, G, tile);
-      tile_times_rows<B>(ks, tile, G, ab.q.data(), ldx, ab.meta.data(), n_tok, out + r0, N, nr);
+      decode_tile_for<B>(w, r0, nr, G, tile, av);
+      tile_times_rows<B>(ks, tile, G, av.q, av.ld, ab.meta.data(), n_tok, out + r0, N, nr);
     }
   });
 }
@@ -620,12 +654,16 @@ void matmul_int8_grouped(ThreadPool& pool, float* y, const Tensor& w, const floa
   ActBuf& gathered = gathered_buf();
   if (int64_t(gathered.q.size()) < n_rows * ldx) gathered.q.resize(size_t(n_rows * ldx));
   if (int64_t(gathered.meta.size()) < n_rows * G) gathered.meta.resize(size_t(n_rows * G));
+  const bool wide = act_view(ab, isa, K).wide;
+  if (wide && int64_t(gathered.w.size()) < n_rows * K) gathered.w.resize(size_t(n_rows * K));
   pool.parallel_for(n_rows, 16, [&](int64_t b, int64_t e, int) {
     for (int64_t s = b; s < e; ++s) {
       memcpy(gathered.q.data() + s * ldx, ab.q.data() + src[s] * ldx, size_t(ldx));
       memcpy(gathered.meta.data() + s * G, ab.meta.data() + src[s] * G, size_t(G) * sizeof(AMeta));
+      if (wide) memcpy(gathered.w.data() + s * K, ab.w.data() + src[s] * K, size_t(K) * sizeof(int16_t));
     }
   });
+  const ActView av = act_view(gathered, isa, K);
   const int64_t tiles = (R + kTileRows - 1) / kTileRows;
   std::vector<int64_t> items;  // expert * tiles + tile, for experts with slots
   for (int64_t e = 0; e < w.mats; ++e)
@@ -643,9 +681,9 @@ void matmul_int8_grouped(ThreadPool& pool, float* y, const Tensor& w, const floa
           cpu_gemv_int8_rows(w.mat(ex), r0, r0 + nr, gathered.q.data() + s0 * ldx, ldx, gathered.meta.data() + s0 * G,
                              start[ex + 1] - s0, y + s0 * R + r0, R, isa))
         continue;
-      decode_tile<B>(w.mat(ex), r0, nr, G, tile);
-      tile_times_rows<B>(ks, tile, G, gathered.q.data() + s0 * ldx, ldx, gathered.meta.data() + s0 * G,
-                         start[ex + 1] - s0, y + s0 * R + r0, R, nr);
+      decode_tile_for<B>(w.mat(ex), r0, nr, G, tile, av);
+      tile_times_rows<B>(ks, tile, G, av.q + s0 * av.ld, av.ld, gathered.meta.data() + s0 * G, start[ex + 1] - s0,
+                         y + s0 * R + r0, R, nr);
     }
   });
 }
