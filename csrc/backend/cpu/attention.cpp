@@ -43,25 +43,32 @@ TP_VINLINE void rows_tile(const float* const* q, const float* kt, const float* V
                                                      int64_t jb, float scale, RowState* st, float* const* acc) {
   typedef typename VecT<W>::f vf;
   constexpr int kL = W, kKV = int(kKeyTile) / W;
-  vf s[NR][kKV];
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < kKV; ++v) s[r][v] = vf{};
-  for (int64_t d = 0; d < hd; ++d) {
-    vf kv[kKV];
-    for (int v = 0; v < kKV; ++v) kv[v] = vld<W>(kt + d * kKeyTile + v * kL);
-    for (int r = 0; r < NR; ++r) {
-      const float qd = q[r][d];
-      for (int v = 0; v < kKV; ++v) s[r][v] += qd * kv[v];
+  // Scores in chunks of CH vectors of keys, so that NR rows × CH accumulators stay in registers (all 64 keys
+  // at once on AVX-512; 16 keys on AVX2, whose 16 registers would otherwise hold one row's tile only). Each
+  // score is the same sum in the same order whatever the chunking.
+  constexpr int CH = NR == 1 || W >= 16 ? kKV : 2;
+  static_assert(kKV % CH == 0, "whole chunks");
+  float sc_all[NR][kKeyTile];
+  for (int v0 = 0; v0 < kKV; v0 += CH) {
+    vf s[NR][CH];
+    for (int r = 0; r < NR; ++r)
+      for (int v = 0; v < CH; ++v) s[r][v] = vf{};
+    for (int64_t d = 0; d < hd; ++d) {
+      vf kv[CH];
+      for (int v = 0; v < CH; ++v) kv[v] = vld<W>(kt + d * kKeyTile + (v0 + v) * kL);
+      for (int r = 0; r < NR; ++r) {
+        const float qd = q[r][d];
+        for (int v = 0; v < CH; ++v) s[r][v] += qd * kv[v];
+      }
     }
+    for (int r = 0; r < NR; ++r)
+      for (int v = 0; v < CH; ++v) vst<W>(sc_all[r] + (v0 + v) * kL, s[r][v] * scale);
   }
   const int j_lo = int(ja - tb), j_hi = int(jb - tb);
   float p[NR][kKeyTile];
   float corr[NR];
   for (int r = 0; r < NR; ++r) {
-    float sc[kKeyTile];
-    for (int v = 0; v < kKV; ++v) {
-      vst<W>(sc + v * kL, s[r][v] * scale);
-    }
+    const float* sc = sc_all[r];
     float mb = -INFINITY;
     for (int j = j_lo; j <= j_hi; ++j) mb = sc[j] > mb ? sc[j] : mb;
     const float m_new = mb > st[r].m ? mb : st[r].m;
@@ -95,14 +102,15 @@ TP_VINLINE void rows_tile(const float* const* q, const float* kt, const float* V
   }
 }
 
-// Up to 4 rows at a time (the query heads of one token that share a KV head). Output dims go in chunks of
-// 4 vectors when the head dim allows, else of one (16 dims is the vector path's granularity on every ISA).
+// Up to 4 rows at a time (the query heads of one token that share a KV head, and tokens). Output dims go in
+// chunks of 4 vectors when the head dim allows and the rows' accumulators fit the registers (AVX-512, or one
+// row), else of 16 dims (the vector path's granularity on every ISA). The chunking never changes a result.
 template <int W>
 TP_VINLINE void rows_tile_n_impl(int nr, const float* const* q, const float* kt, const float* V, int64_t kv_stride,
                                  int64_t hd, int64_t tb, int64_t ja, int64_t jb, float scale, RowState* st,
                                  float* const* acc) {
   constexpr int N1 = 16 / W;  // vectors per 16 dims
-  const bool by4 = hd % (4 * 16) == 0;
+  const bool by4 = hd % (4 * 16) == 0 && (W >= 16 || nr == 1);
   switch (nr * 2 + (by4 ? 1 : 0)) {
     case 9: rows_tile<W, 4, 4 * N1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
     case 8: rows_tile<W, 4, N1>(q, kt, V, kv_stride, hd, tb, ja, jb, scale, st, acc); break;
@@ -143,17 +151,13 @@ void row_tile_scalar(const float* q, const float* kt, const float* V, int64_t kv
   st.m = m_new;
 }
 
-// Rows per rows_tile_n call. Each row keeps its 64 scores in 4 vectors of 16 floats: 4 zmm registers on
-// AVX-512 (4 rows fit in 32), but 8 ymm on AVX2, where 2 rows already fill all 16 registers and spill.
-// A row's arithmetic is the same however many share the call, so results do not depend on this.
+// Rows per rows_tile_n call: 4, which shares each key and value load among 4 rows. On AVX-512 a row's 64
+// scores are 4 zmm (4 rows fit in 32); narrower vectors take the scores in chunks of 16 keys (rows_tile's
+// CH) and the outputs in chunks of 16 dims. A row's arithmetic is the same however many share the call, so
+// results do not depend on this (TP_ATTN_ROWS=1..4 overrides it, for measurements).
 int rows_per_call() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
   if (const char* e = std::getenv("TP_ATTN_ROWS")) return std::max(1, std::min(4, std::atoi(e)));
-  return __builtin_cpu_supports("avx512f") ? 4 : 1;
-#else
   return 4;
-#endif
 }
 
 }  // namespace
