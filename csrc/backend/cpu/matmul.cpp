@@ -17,8 +17,8 @@
 //     one row's group sum and no horizontal reduction is needed. AVX2 has no such instruction: there the
 //     activations are also written as int16 128 q1 + q2 and the tile widened to int16 quants without
 //     bias (widen_tile), so one vpmaddwd per 8 rows and element pair does what takes two vpmaddubsw and
-//     two vpmaddwd on the int8 layout (1.25-1.3x prefill on Q4_K_M models; bench/README.md). A scalar loop
-//     is the portable fallback.
+//     two vpmaddwd on the int8 layout (1.27-1.34x prefill on a Zen 3 machine; bench/README.md). A scalar
+//     loop is the portable fallback.
 //  4. Per group (or Q6_K half-group), s = 128 s1 + s2 - bias * Σ(128 q1 + q2) is exact in int32, then
 //         acc = fma(d_w * d, float(s), acc);  acc = fma(m, s_a, acc)   (offset types, s_a = d Σ(128 q1 + q2))
 // Every ISA evaluates exactly this sequence per (row, token) — integer sums are exact, the f32 steps are
@@ -110,10 +110,10 @@ struct Tile {
   std::vector<uint8_t> q;            // [G][8][kTileRows][4]
   std::vector<int16_t> w;            // AVX2: [G][16][kTileRows][2] signed quants (widen_tile)
   std::vector<float> d0, d1, m;      // [G][kTileRows]
-  void reserve(int64_t G) {
+  void reserve(int64_t G, bool wide) {
+    if (wide && int64_t(w.size()) < G * kGroupBytes) w.resize(size_t(G * kGroupBytes));
     if (int64_t(q.size()) < G * kGroupBytes) {
       q.resize(size_t(G * kGroupBytes));
-      w.resize(size_t(G * kGroupBytes));
       d0.resize(size_t(G * kTileRows));
       d1.resize(size_t(G * kTileRows));
       m.resize(size_t(G * kTileRows));
@@ -629,7 +629,7 @@ void matmul_int8(ThreadPool& pool, float* out, const Tensor& w, const float* in,
   const int64_t n_tiles = (N + kTileRows - 1) / kTileRows;
   pool.parallel_for(n_tiles, 1, [&](int64_t b, int64_t e, int) {
     Tile& tile = tile_buf();
-    tile.reserve(G);
+    tile.reserve(G, av.wide);
     for (int64_t ti = b; ti < e; ++ti) {
       const int64_t r0 = ti * kTileRows;
       const int nr = int(N - r0 < kTileRows ? N - r0 : kTileRows);
@@ -671,7 +671,7 @@ void matmul_int8_grouped(ThreadPool& pool, float* y, const Tensor& w, const floa
       for (int64_t ti = 0; ti < tiles; ++ti) items.push_back(e * tiles + ti);
   pool.parallel_for(int64_t(items.size()), 1, [&](int64_t b, int64_t e, int) {
     Tile& tile = tile_buf();
-    tile.reserve(G);
+    tile.reserve(G, av.wide);
     for (int64_t it = b; it < e; ++it) {
       const int64_t ex = items[size_t(it)] / tiles, r0 = items[size_t(it)] % tiles * kTileRows;
       const int nr = int(R - r0 < kTileRows ? R - r0 : kTileRows);

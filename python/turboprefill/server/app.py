@@ -191,7 +191,7 @@ class Server:
 
 
 def create_app(engine: Any, model_id: str, parallel: int = 1, max_queue: int = 64,
-                 stream_ubatch: int | str = "auto"):
+               stream_ubatch: int | str = "auto"):
     """The Starlette app serving `engine` as `model_id` with `parallel` slots; app.state.server is the Server.
     stream_ubatch: the cap on prompt ubatches while answers stream ("auto", a token count, or 0: none;
     server/scheduler.py)."""
